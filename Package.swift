@@ -1,0 +1,110 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let defaultSwiftSettings: [SwiftSetting] = [
+  .swiftLanguageMode(.v6),
+  .enableUpcomingFeature("ExistentialAny"),
+]
+
+let package = Package(
+  name: "grpc-web-proxy",
+  platforms: [.macOS(.v15)],
+  products: [
+    .executable(name: "grpc-web-proxy", targets: ["grpc-web-proxy"]),
+    .executable(name: "user-service", targets: ["user-service"]),
+  ],
+  dependencies: [
+    .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+    .package(url: "https://github.com/apple/swift-nio-http2.git", from: "1.46.0"),
+    .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+    .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+    .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+    .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
+    .package(url: "https://github.com/grpc/grpc-swift-2.git", from: "2.4.3"),
+    .package(url: "https://github.com/grpc/grpc-swift-nio-transport.git", from: "2.9.2"),
+    .package(url: "https://github.com/grpc/grpc-swift-protobuf.git", from: "2.4.1"),
+    .package(url: "https://github.com/apple/swift-protobuf.git", from: "1.39.0"),
+  ],
+  targets: [
+    // Envoy-shaped YAML to a validated configuration. Knows no sockets and no NIO.
+    .target(
+      name: "ProxyConfig",
+      dependencies: [.product(name: "Yams", package: "Yams")],
+      swiftSettings: defaultSwiftSettings
+    ),
+    // The gRPC-Web protocol: codecs, header translation, CORS, routing, deadlines. No sockets.
+    .target(
+      name: "GRPCWebCore",
+      dependencies: [
+        "ProxyConfig",
+        .product(name: "NIOCore", package: "swift-nio"),
+        .product(name: "NIOHTTP1", package: "swift-nio"),
+        .product(name: "NIOHPACK", package: "swift-nio-http2"),
+      ],
+      swiftSettings: defaultSwiftSettings
+    ),
+    // The I/O layer: listeners, per-request handlers, upstream HTTP/2 pools, discovery.
+    .target(
+      name: "GRPCWebProxy",
+      dependencies: [
+        "GRPCWebCore",
+        "ProxyConfig",
+        .product(name: "NIOCore", package: "swift-nio"),
+        .product(name: "NIOPosix", package: "swift-nio"),
+        .product(name: "NIOHTTP1", package: "swift-nio"),
+        .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+        .product(name: "Logging", package: "swift-log"),
+        .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+      ],
+      swiftSettings: defaultSwiftSettings
+    ),
+    // The demo.User example backend (login/logout) and a test service.
+    .target(
+      name: "UserService",
+      dependencies: [
+        .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+        .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+        .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+      ],
+      swiftSettings: defaultSwiftSettings
+    ),
+    .executableTarget(
+      name: "grpc-web-proxy",
+      dependencies: [
+        "GRPCWebProxy",
+        "ProxyConfig",
+        "UserService",
+        .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        .product(name: "Logging", package: "swift-log"),
+        .product(name: "NIOCore", package: "swift-nio"),
+        .product(name: "NIOPosix", package: "swift-nio"),
+        .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+      ],
+      swiftSettings: defaultSwiftSettings
+    ),
+    .executableTarget(
+      name: "user-service",
+      dependencies: [
+        "UserService",
+        .product(name: "ArgumentParser", package: "swift-argument-parser"),
+      ],
+      swiftSettings: defaultSwiftSettings
+    ),
+    .testTarget(
+      name: "GRPCWebCoreTests",
+      dependencies: [
+        "GRPCWebCore",
+        .product(name: "NIOCore", package: "swift-nio"),
+        .product(name: "NIOHPACK", package: "swift-nio-http2"),
+      ],
+      swiftSettings: defaultSwiftSettings
+    ),
+    .testTarget(
+      name: "ProxyConfigTests",
+      dependencies: ["ProxyConfig"],
+      swiftSettings: defaultSwiftSettings
+    ),
+  ]
+)

@@ -1,0 +1,58 @@
+import NIOHPACK
+
+/// Builds the upstream (native gRPC over HTTP/2) request headers from a downstream request.
+public enum RequestTranslator {
+  /// - Parameters:
+  ///   - headers: the downstream request's headers, with `:method`, `:path`, `:authority` and
+  ///     `:scheme` pseudo-headers (HTTP/1.1 requests are given them by the caller).
+  ///   - path: the path to send upstream (after any prefix rewrite).
+  public static func upstreamHeaders(
+    _ headers: HPACKHeaders,
+    kind: CallKind,
+    path: String,
+    grpcTimeout: String?
+  ) -> HPACKHeaders {
+    var out = HPACKHeaders()
+    out.reserveCapacity(headers.count + 3)
+    out.add(name: ":method", value: headers.first(name: ":method") ?? "POST")
+    out.add(name: ":scheme", value: "http")
+    out.add(name: ":path", value: path)
+    out.add(name: ":authority", value: headers.first(name: ":authority") ?? "")
+    let grpcWeb = kind.isGRPCWeb
+    var sawAcceptEncoding = false
+    var sawForwardedProto = false
+    for (name, value, indexing) in headers {
+      if name.hasPrefix(":") { continue }
+      switch name {
+      // Connection-specific headers are not allowed in HTTP/2.
+      case "connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection", "host":
+        continue
+      case "te":
+        if kind.isGRPC { continue }
+        if value.lowercased() != "trailers" { continue }
+      case "content-length" where grpcWeb:
+        // The body is re-encoded in text mode; Envoy drops it in binary mode too (E4).
+        continue
+      case "content-type" where grpcWeb:
+        continue
+      case "grpc-timeout" where grpcTimeout != nil:
+        continue
+      case "grpc-accept-encoding":
+        sawAcceptEncoding = true
+      case "x-forwarded-proto":
+        sawForwardedProto = true
+      default:
+        break
+      }
+      out.add(name: name, value: value, indexing: indexing)
+    }
+    if grpcWeb {
+      out.add(name: "content-type", value: "application/grpc")
+      if !sawAcceptEncoding { out.add(name: "grpc-accept-encoding", value: "identity") }
+    }
+    if kind.isGRPC { out.add(name: "te", value: "trailers") }
+    if let grpcTimeout { out.add(name: "grpc-timeout", value: grpcTimeout) }
+    if !sawForwardedProto { out.add(name: "x-forwarded-proto", value: headers.first(name: ":scheme") ?? "http") }
+    return out
+  }
+}

@@ -1,0 +1,160 @@
+import Foundation
+import NIOHPACK
+import ProxyConfig
+
+/// A listener's routes, prepared once so that matching a request allocates nothing but the
+/// lower-cased authority.
+public struct RouteTable: Sendable {
+  public struct Entry: Sendable {
+    public var route: Route
+    /// The route's CORS policy layered over its virtual host's (C1), or nil for none.
+    public var cors: CORSPolicy?
+    fileprivate var regex: CompiledRegex?
+    fileprivate var headerRegexes: [CompiledRegex?]
+  }
+
+  fileprivate struct Host: Sendable {
+    var virtualHost: VirtualHost
+    var entries: [Entry]
+  }
+
+  private var exact: [String: Int] = [:]
+  private var suffixes: [(String, Int)] = []
+  private var prefixes: [(String, Int)] = []
+  private var wildcard: Int?
+  private var hosts: [Host] = []
+
+  public init(_ config: RouteConfiguration) {
+    for (index, vh) in config.virtualHosts.enumerated() {
+      let entries = vh.routes.map { route -> Entry in
+        var regex: CompiledRegex?
+        if case .regex(let pattern) = route.match.path {
+          regex = CompiledRegex(pattern, caseInsensitive: !route.match.caseSensitive)
+        }
+        let headerRegexes = route.match.headers.map { matcher -> CompiledRegex? in
+          if case .string(let sm) = matcher.kind, case .regex(let pattern) = sm.kind {
+            return CompiledRegex(pattern, caseInsensitive: sm.ignoreCase)
+          }
+          return nil
+        }
+        let cors = route.cors.map { $0.layered(over: vh.cors) } ?? vh.cors
+        return Entry(route: route, cors: cors, regex: regex, headerRegexes: headerRegexes)
+      }
+      self.hosts.append(Host(virtualHost: vh, entries: entries))
+      for domain in vh.domains.map({ $0.lowercased() }) {
+        if domain == "*" {
+          if self.wildcard == nil { self.wildcard = index }
+        } else if domain.hasPrefix("*") {
+          self.suffixes.append((String(domain.dropFirst()), index))
+        } else if domain.hasSuffix("*") {
+          self.prefixes.append((String(domain.dropLast()), index))
+        } else if self.exact[domain] == nil {
+          self.exact[domain] = index
+        }
+      }
+    }
+    // Longest wildcard first, as Envoy picks the most specific domain.
+    self.suffixes.sort { $0.0.count > $1.0.count }
+    self.prefixes.sort { $0.0.count > $1.0.count }
+  }
+
+  /// The virtual host for an authority: exact, then `*.suffix`, then `prefix*`, then `*`; with
+  /// the port, then without it.
+  public func virtualHost(forAuthority authority: String) -> Int? {
+    let host = authority.lowercased()
+    if let i = self.lookup(host) { return i }
+    if let colon = host.lastIndex(of: ":"), !host.hasSuffix("]"), let i = self.lookup(String(host[..<colon])) {
+      return i
+    }
+    return self.wildcard
+  }
+
+  private func lookup(_ host: String) -> Int? {
+    if let i = self.exact[host] { return i }
+    for (suffix, i) in self.suffixes where host.hasSuffix(suffix) && host.count > suffix.count { return i }
+    for (prefix, i) in self.prefixes where host.hasPrefix(prefix) && host.count > prefix.count { return i }
+    return nil
+  }
+
+  public func virtualHostName(_ index: Int) -> String { self.hosts[index].virtualHost.name }
+
+  /// The first route of the matching virtual host that matches the request.
+  public func match(authority: String, path: String, headers: HPACKHeaders, isGRPC: Bool) -> Entry? {
+    guard let hostIndex = self.virtualHost(forAuthority: authority) else { return nil }
+    let pathOnly = path.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? path
+    for entry in self.hosts[hostIndex].entries where Self.matches(entry, path: pathOnly, headers: headers, isGRPC: isGRPC) {
+      return entry
+    }
+    return nil
+  }
+
+  private static func matches(_ entry: Entry, path: String, headers: HPACKHeaders, isGRPC: Bool) -> Bool {
+    let match = entry.route.match
+    if match.grpcOnly && !isGRPC { return false }
+    switch match.path {
+    case .prefix(let prefix):
+      if match.caseSensitive {
+        guard path.hasPrefix(prefix) else { return false }
+      } else {
+        guard path.lowercased().hasPrefix(prefix.lowercased()) else { return false }
+      }
+    case .path(let exact):
+      if match.caseSensitive {
+        guard path == exact else { return false }
+      } else {
+        guard path.lowercased() == exact.lowercased() else { return false }
+      }
+    case .regex:
+      guard entry.regex?.wholeMatch(path) ?? false else { return false }
+    }
+    for (index, matcher) in match.headers.enumerated() {
+      let values = headers[canonicalForm: matcher.name]
+      var result: Bool
+      switch matcher.kind {
+      case .present(let present):
+        result = values.isEmpty != present
+      case .string(let sm):
+        if let value = values.isEmpty ? nil : values.joined(separator: ",") {
+          result = sm.matches(value, regex: entry.headerRegexes[index])
+        } else {
+          result = false
+        }
+      }
+      if matcher.invert { result.toggle() }
+      if !result { return false }
+    }
+    return true
+  }
+}
+
+/// A regular expression compiled once at start-up.
+struct CompiledRegex: @unchecked Sendable {
+  // NSRegularExpression is immutable once made, and safe to use from any thread.
+  let regex: NSRegularExpression?
+
+  init(_ pattern: String, caseInsensitive: Bool) {
+    self.regex = try? NSRegularExpression(pattern: pattern, options: caseInsensitive ? [.caseInsensitive] : [])
+  }
+
+  func wholeMatch(_ text: String) -> Bool {
+    guard let regex else { return false }
+    let range = NSRange(text.startIndex..., in: text)
+    guard let m = regex.firstMatch(in: text, options: [.anchored], range: range) else { return false }
+    return m.range == range
+  }
+}
+
+extension StringMatcher {
+  func matches(_ value: String, regex: CompiledRegex? = nil) -> Bool {
+    let subject = self.ignoreCase ? value.lowercased() : value
+    func fold(_ s: String) -> String { self.ignoreCase ? s.lowercased() : s }
+    switch self.kind {
+    case .exact(let s): return subject == fold(s)
+    case .prefix(let s): return subject.hasPrefix(fold(s))
+    case .suffix(let s): return subject.hasSuffix(fold(s))
+    case .contains(let s): return subject.contains(fold(s))
+    case .regex(let pattern):
+      return (regex ?? CompiledRegex(pattern, caseInsensitive: self.ignoreCase)).wholeMatch(value)
+    }
+  }
+}

@@ -1,0 +1,129 @@
+import GRPCWebCore
+import NIOCore
+import NIOHPACK
+import NIOHTTP1
+
+/// Serves an HTTP/1.1 connection: one call at a time (NIO's pipelining handler holds the next
+/// request until the current response has ended), with keep-alive.
+final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream {
+  typealias InboundIn = HTTPServerRequestPart
+  typealias OutboundOut = HTTPServerResponsePart
+
+  private let runtime: ListenerRuntime
+  private var call: ProxyCall?
+  private var context: ChannelHandlerContext?
+  private var keepAlive = true
+  private var responseEnded = false
+
+  init(runtime: ListenerRuntime) {
+    self.runtime = runtime
+  }
+
+  func handlerAdded(context: ChannelHandlerContext) {
+    self.context = context
+  }
+
+  func handlerRemoved(context: ChannelHandlerContext) {
+    self.context = nil
+  }
+
+  func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+    switch self.unwrapInboundIn(data) {
+    case .head(let head):
+      self.keepAlive = head.isKeepAlive
+      self.responseEnded = false
+      var headers = HPACKHeaders()
+      headers.reserveCapacity(head.headers.count + 4)
+      headers.add(name: ":method", value: head.method.rawValue)
+      headers.add(name: ":path", value: head.uri)
+      headers.add(name: ":authority", value: head.headers.first(name: "host") ?? "")
+      headers.add(name: ":scheme", value: "http")
+      for (name, value) in head.headers {
+        headers.add(name: name.lowercased(), value: value)
+      }
+      let call = ProxyCall(runtime: self.runtime, eventLoop: context.eventLoop, allocator: context.channel.allocator, downstream: self)
+      self.call = call
+      call.receiveHead(headers, endStream: false)
+    case .body(let buffer):
+      self.call?.receiveBody(buffer)
+    case .end(let trailers):
+      var hpack: HPACKHeaders?
+      if let trailers, !trailers.isEmpty {
+        hpack = HPACKHeaders(trailers.map { ($0.name.lowercased(), $0.value) })
+      }
+      self.call?.receiveEnd(trailers: hpack)
+    }
+  }
+
+  func channelInactive(context: ChannelHandlerContext) {
+    if let call = self.call, !call.isFinished { call.downstreamClosed() }
+    self.call = nil
+    context.fireChannelInactive()
+  }
+
+  func channelWritabilityChanged(context: ChannelHandlerContext) {
+    self.call?.downstreamWritabilityChanged(context.channel.isWritable)
+    context.fireChannelWritabilityChanged()
+  }
+
+  func errorCaught(context: ChannelHandlerContext, error: any Error) {
+    context.close(promise: nil)
+  }
+
+  // MARK: - DownstreamStream
+
+  func write(head: ResponseHead, endStream: Bool) {
+    guard let context = self.context else { return }
+    var headers = HTTPHeaders()
+    headers.reserveCapacity(head.headers.count + 1)
+    for (name, value, _) in head.headers { headers.add(name: name, value: value) }
+    if !self.keepAlive { headers.replaceOrAdd(name: "connection", value: "close") }
+    let responseHead = HTTPResponseHead(version: .http1_1, status: .init(statusCode: head.status), headers: headers)
+    context.write(self.wrapOutboundOut(.head(responseHead)), promise: nil)
+    if endStream { self.end(context: context, trailers: nil) }
+  }
+
+  func write(body: ByteBuffer, endStream: Bool) {
+    guard let context = self.context else { return }
+    context.write(self.wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+    if endStream { self.end(context: context, trailers: nil) }
+  }
+
+  func writeEnd(trailers: HPACKHeaders?) {
+    guard let context = self.context else { return }
+    var http: HTTPHeaders?
+    if let trailers, !trailers.isEmpty {
+      http = HTTPHeaders(trailers.map { ($0.name, $0.value) })
+    }
+    self.end(context: context, trailers: http)
+  }
+
+  private func end(context: ChannelHandlerContext, trailers: HTTPHeaders?) {
+    guard !self.responseEnded else { return }
+    self.responseEnded = true
+    if self.keepAlive {
+      context.write(self.wrapOutboundOut(.end(trailers)), promise: nil)
+    } else {
+      context.writeAndFlush(self.wrapOutboundOut(.end(trailers))).assumeIsolated().whenComplete { _ in
+        context.close(promise: nil)
+      }
+    }
+  }
+
+  func abort() {
+    // HTTP/1.1 has no way to end one response abruptly but to cut the connection.
+    self.context?.close(promise: nil)
+  }
+
+  func flush() {
+    self.context?.flush()
+  }
+
+  var isWritable: Bool { self.context?.channel.isWritable ?? false }
+
+  func setReadingPaused(_ paused: Bool) {
+    guard let context = self.context else { return }
+    try? context.channel.syncOptions?.setOption(ChannelOptions.autoRead, value: !paused)
+    if !paused { context.read() }
+  }
+}

@@ -1,0 +1,381 @@
+import GRPCWebCore
+import Logging
+import NIOCore
+import NIOHPACK
+import NIOHTTP2
+import ProxyConfig
+
+/// The client side of one call: an HTTP/1.1 connection's current request, or one HTTP/2
+/// stream. The call writes its response through this, whatever the protocol.
+protocol DownstreamStream: AnyObject {
+  func write(head: ResponseHead, endStream: Bool)
+  func write(body: ByteBuffer, endStream: Bool)
+  func writeEnd(trailers: HPACKHeaders?)
+  /// Ends the response abruptly: RST_STREAM on HTTP/2, a closed connection on HTTP/1.1.
+  func abort()
+  func flush()
+  var isWritable: Bool { get }
+  /// Stops or resumes reading the request body (backpressure from the upstream).
+  func setReadingPaused(_ paused: Bool)
+}
+
+/// What a call needs from its listener, shared by the listener's connections on one event loop.
+final class ListenerRuntime {
+  let listener: Listener
+  let routes: RouteTable
+  let upstreams: LoopUpstreams
+  let logger: Logger
+  let maxTextFrameSize: Int
+
+  init(listener: Listener, routes: RouteTable, upstreams: LoopUpstreams, logger: Logger, maxTextFrameSize: Int) {
+    self.listener = listener
+    self.routes = routes
+    self.upstreams = upstreams
+    self.logger = logger
+    self.maxTextFrameSize = maxTextFrameSize
+  }
+}
+
+/// One call through the proxy, from request head to the end of the response.
+///
+/// Request side: `awaitingHead → forwarding → complete`, or `rejected` once the proxy has
+/// answered by itself (then the rest of the request body is read and dropped).
+/// Upstream side: `none → opening(buffered parts) → open(stream) → closed`.
+/// Response side: the `ResponseTranslator` state machine.
+/// Everything runs on the downstream channel's event loop, which is also the upstream stream's.
+final class ProxyCall {
+  private enum RequestState {
+    case awaitingHead
+    case forwarding(decoder: Base64StreamDecoder?)
+    case complete
+    case rejected
+  }
+
+  private enum UpstreamState {
+    case none
+    case opening(pending: [HTTP2Frame.FramePayload])
+    case open(any Channel)
+    case closed
+  }
+
+  private let runtime: ListenerRuntime
+  private let eventLoop: any EventLoop
+  private let allocator: ByteBufferAllocator
+  private weak var downstream: (any DownstreamStream)?
+  private var request: RequestState = .awaitingHead
+  private var upstream: UpstreamState = .none
+  private var translator: ResponseTranslator
+  private var corsHeaders: HPACKHeaders?
+  private var deadline: DeadlinePlan?
+  private var deadlineTask: Scheduled<Void>?
+  private var upstreamReadPaused = false
+
+  init(runtime: ListenerRuntime, eventLoop: any EventLoop, allocator: ByteBufferAllocator, downstream: any DownstreamStream) {
+    self.runtime = runtime
+    self.eventLoop = eventLoop
+    self.allocator = allocator
+    self.downstream = downstream
+    self.translator = ResponseTranslator(kind: .other, allocator: allocator)
+  }
+
+  var isFinished: Bool { self.translator.isFinished }
+
+  // MARK: - Downstream events
+
+  /// - Parameter headers: the request headers with `:method`, `:path`, `:authority`, `:scheme`.
+  func receiveHead(_ headers: HPACKHeaders, endStream: Bool) {
+    guard case .awaitingHead = self.request else { return }
+    let method = headers.first(name: ":method") ?? "GET"
+    let path = headers.first(name: ":path") ?? "/"
+    let authority = headers.first(name: ":authority") ?? ""
+    let kind = CallKind.classify(
+      contentType: headers.first(name: "content-type"),
+      accept: headers.first(name: "accept"),
+      grpcWebEnabled: self.runtime.listener.grpcWebEnabled
+    )
+    self.translator = ResponseTranslator(kind: kind, maxTextFrameSize: self.runtime.maxTextFrameSize, allocator: self.allocator)
+
+    guard let entry = self.runtime.routes.match(authority: authority, path: path, headers: headers, isGRPC: kind.isGRPC) else {
+      // Envoy's no-route reply: 404 with an empty body and so no grpc-status (L4).
+      self.runtime.logger.debug("no route", metadata: ["authority": "\(authority)", "path": "\(path)"])
+      self.reject(self.translator.localReply(httpStatus: 404, grpcStatus: nil, message: nil), endStream: endStream)
+      return
+    }
+
+    if self.runtime.listener.corsEnabled {
+      switch CORS.evaluate(policy: entry.cors, method: method, headers: headers) {
+      case .none:
+        break
+      case .preflight(var cors):
+        cors.add(name: "content-length", value: "0")
+        self.request = endStream ? .complete : .rejected
+        self.finishLocally(ResponseTranslator.Output(head: ResponseHead(status: 200, headers: cors), end: .clean(trailers: nil)))
+        return
+      case .forward(let responseHeaders):
+        if !responseHeaders.isEmpty { self.corsHeaders = responseHeaders }
+      }
+    }
+
+    let clusterName: String
+    switch entry.route.action {
+    case .directResponse(let status, let body):
+      var local = ResponseTranslator(kind: .other, allocator: self.allocator)
+      self.reject(local.localReply(httpStatus: status, grpcStatus: nil, message: body), endStream: endStream)
+      return
+    case .cluster(let name):
+      clusterName = name
+    }
+
+    let plan = DeadlinePlan.make(timeouts: entry.route.timeouts, grpcTimeoutHeader: headers.first(name: "grpc-timeout"), isGRPC: kind.isGRPC)
+    self.deadline = plan
+    if plan.start == .requestStart { self.startDeadline() }
+
+    var upstreamPath = path
+    if let rewrite = entry.route.prefixRewrite, case .prefix(let prefix) = entry.route.match.path {
+      upstreamPath = rewrite + path.dropFirst(prefix.count)
+    }
+    let upstreamHeaders = RequestTranslator.upstreamHeaders(headers, kind: kind, path: upstreamPath, grpcTimeout: plan.upstreamGRPCTimeout)
+    var requestText = false
+    if case .grpcWeb(let text, _) = kind { requestText = text }
+    self.request = endStream ? .complete : .forwarding(decoder: requestText ? Base64StreamDecoder() : nil)
+    if endStream, plan.start == .requestEnd { self.startDeadline() }
+    self.upstream = .opening(pending: [.headers(.init(headers: upstreamHeaders, endStream: endStream))])
+
+    let bound = NIOLoopBound(self, eventLoop: self.eventLoop)
+    self.runtime.upstreams.openStream(cluster: clusterName) { channel in
+      try channel.pipeline.syncOperations.addHandler(UpstreamStreamHandler(call: bound.value))
+    } completion: { result in
+      self.upstreamOpened(result)
+    }
+  }
+
+  func receiveBody(_ buffer: ByteBuffer) {
+    guard case .forwarding(var decoder) = self.request else { return }
+    var payload = buffer
+    if var text = decoder {
+      self.request = .complete  // placeholder while the decoder is mutated
+      var decoded = self.allocator.buffer(capacity: buffer.readableBytes / 4 * 3 + 3)
+      do {
+        try text.decode(buffer, into: &decoded)
+      } catch {
+        self.badBase64(error)
+        return
+      }
+      decoder = text
+      self.request = .forwarding(decoder: decoder)
+      guard decoded.readableBytes > 0 else { return }
+      payload = decoded
+    }
+    self.sendUpstream(.data(.init(data: .byteBuffer(payload), endStream: false)))
+  }
+
+  func receiveEnd(trailers: HPACKHeaders?) {
+    switch self.request {
+    case .forwarding(let decoder):
+      if let decoder {
+        do {
+          try decoder.finish()
+        } catch {
+          // Envoy drops leftover characters when a text request ends with trailers; nothing
+          // the client sent is silently lost here.
+          self.badBase64(error)
+          return
+        }
+      }
+      self.request = .complete
+      if let trailers, !trailers.isEmpty {
+        self.sendUpstream(.headers(.init(headers: trailers, endStream: true)))
+      } else {
+        self.sendUpstream(.data(.init(data: .byteBuffer(self.allocator.buffer(capacity: 0)), endStream: true)))
+      }
+      if self.deadline?.start == .requestEnd { self.startDeadline() }
+    case .rejected:
+      self.request = .complete
+    case .awaitingHead, .complete:
+      break
+    }
+  }
+
+  /// The client went away (connection closed or stream reset): cancel the upstream call.
+  func downstreamClosed() {
+    self.downstream = nil
+    self.request = .complete
+    self.translator.markFinished()
+    self.cleanUp()
+  }
+
+  func downstreamWritabilityChanged(_ writable: Bool) {
+    guard case .open(let channel) = self.upstream else { return }
+    if writable && self.upstreamReadPaused {
+      self.upstreamReadPaused = false
+      try? channel.syncOptions?.setOption(ChannelOptions.autoRead, value: true)
+      channel.read()
+    }
+  }
+
+  // MARK: - Upstream events
+
+  private func upstreamOpened(_ result: Result<any Channel, UpstreamUnavailable>) {
+    guard case .opening(let pending) = self.upstream else {
+      // The call ended while the stream was being opened.
+      if case .success(let channel) = result { channel.close(promise: nil) }
+      return
+    }
+    switch result {
+    case .success(let channel):
+      self.upstream = .open(channel)
+      for frame in pending { channel.write(frame, promise: nil) }
+      channel.flush()
+    case .failure(let error):
+      self.upstream = .closed
+      if error.noHealthyUpstream {
+        let out = self.translator.localReply(httpStatus: 503, grpcStatus: 14, message: "no healthy upstream")
+        self.apply(out)
+      } else {
+        self.apply(self.translator.fail(.upstreamReset(reason: error.reason)))
+      }
+    }
+  }
+
+  func upstreamHeaders(_ headers: HPACKHeaders, endStream: Bool) {
+    if !self.translator.headSent, !self.translator.isFinished, headers.first(name: ":status").map({ $0.hasPrefix("1") }) ?? false {
+      return  // 1xx informational
+    }
+    let out: ResponseTranslator.Output
+    if self.translator.headSent || self.sawUpstreamHead {
+      out = self.translator.receiveTrailers(headers)
+    } else {
+      self.sawUpstreamHead = true
+      out = self.translator.receiveHead(headers, endStream: endStream)
+    }
+    self.apply(out)
+  }
+
+  private var sawUpstreamHead = false
+
+  func upstreamData(_ data: ByteBuffer, endStream: Bool) {
+    self.apply(self.translator.receiveData(data, endStream: endStream))
+    if let downstream = self.downstream, !downstream.isWritable, case .open(let channel) = self.upstream {
+      self.upstreamReadPaused = true
+      try? channel.syncOptions?.setOption(ChannelOptions.autoRead, value: false)
+    }
+  }
+
+  /// The upstream stream closed. If the response has not ended, the stream was reset or its
+  /// connection lost.
+  func upstreamClosed(reason: String) {
+    if case .open = self.upstream { self.upstream = .closed }
+    guard !self.translator.isFinished else { return }
+    self.apply(self.translator.fail(.upstreamReset(reason: reason)))
+  }
+
+  func upstreamWritabilityChanged(_ writable: Bool) {
+    self.downstream?.setReadingPaused(!writable)
+  }
+
+  // MARK: - Helpers
+
+  private func sendUpstream(_ frame: HTTP2Frame.FramePayload) {
+    switch self.upstream {
+    case .opening(var pending):
+      self.upstream = .none
+      pending.append(frame)
+      self.upstream = .opening(pending: pending)
+    case .open(let channel):
+      channel.writeAndFlush(frame, promise: nil)
+    case .none, .closed:
+      break
+    }
+  }
+
+  private func badBase64(_ error: Base64DecodeError) {
+    self.runtime.logger.debug("bad grpc-web-text request body", metadata: ["detail": "\(error.detail)"])
+    self.request = .rejected
+    self.apply(self.translator.localReply(httpStatus: 400, grpcStatus: 13, message: "Bad gRPC-web request, invalid base64 data."))
+  }
+
+  private func reject(_ output: ResponseTranslator.Output, endStream: Bool) {
+    self.request = endStream ? .complete : .rejected
+    self.apply(output)
+  }
+
+  private func finishLocally(_ output: ResponseTranslator.Output) {
+    self.translator.markFinished()
+    self.write(output, addCORS: false)
+    self.cleanUp()
+  }
+
+  private func startDeadline() {
+    guard self.deadlineTask == nil, let plan = self.deadline, let ms = plan.milliseconds else { return }
+    self.deadlineTask = self.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(ms)) {
+      self.deadlineFired()
+    }
+  }
+
+  private func deadlineFired() {
+    self.deadlineTask = nil
+    guard let plan = self.deadline, !self.translator.isFinished else { return }
+    self.runtime.logger.debug("call deadline exceeded", metadata: ["ms": "\(plan.milliseconds ?? 0)"])
+    self.apply(self.translator.fail(.timeout(message: plan.timeoutMessage, httpStatus: plan.timeoutHTTPStatus)))
+  }
+
+  private func apply(_ output: ResponseTranslator.Output) {
+    self.write(output, addCORS: true)
+    if output.end != nil { self.cleanUp() }
+  }
+
+  private func write(_ output: ResponseTranslator.Output, addCORS: Bool) {
+    guard let downstream = self.downstream else { return }
+    if var head = output.head {
+      if addCORS, let cors = self.corsHeaders {
+        for (name, value, _) in cors { head.headers.replaceOrAdd(name: name, value: value) }
+      }
+      let headOnly = output.body == nil && Self.isPlainEnd(output.end)
+      downstream.write(head: head, endStream: headOnly)
+      if headOnly {
+        downstream.flush()
+        return
+      }
+    }
+    if let body = output.body {
+      downstream.write(body: body, endStream: Self.isPlainEnd(output.end))
+      if Self.isPlainEnd(output.end) {
+        downstream.flush()
+        return
+      }
+    }
+    switch output.end {
+    case .none:
+      break
+    case .clean(let trailers):
+      downstream.writeEnd(trailers: trailers)
+    case .reset:
+      downstream.abort()
+      return
+    }
+    downstream.flush()
+  }
+
+  private static func isPlainEnd(_ end: ResponseTranslator.Output.End?) -> Bool {
+    if case .clean(nil) = end { return true }
+    return false
+  }
+
+  /// The response has ended: stop the timer and cancel the upstream stream if it is still open.
+  private func cleanUp() {
+    self.deadlineTask?.cancel()
+    self.deadlineTask = nil
+    switch self.upstream {
+    case .open(let channel):
+      self.upstream = .closed
+      // Closing an open HTTP/2 stream channel sends RST_STREAM(CANCEL); a stream that already
+      // ended is simply released.
+      channel.close(promise: nil)
+    case .opening:
+      self.upstream = .closed
+    case .none, .closed:
+      break
+    }
+  }
+}
+

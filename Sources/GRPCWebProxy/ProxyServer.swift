@@ -1,0 +1,203 @@
+import GRPCWebCore
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOHTTP2
+import NIOPosix
+import ProxyConfig
+import ServiceLifecycle
+
+/// A listener as bound: with port 0 in the configuration, `port` is the one the system chose.
+public struct BoundListener: Sendable, Hashable {
+  public var name: String
+  public var host: String
+  public var port: Int
+}
+
+/// Errors at a scope wider than one call: binding listeners.
+public struct ProxyError: Error, CustomStringConvertible {
+  public var message: String
+  public var description: String { self.message }
+}
+
+/// The proxy as a service: binds every listener, keeps cluster endpoints fresh, and on graceful
+/// shutdown stops accepting connections.
+public final class ProxyServer: Service {
+  /// The most a text-mode response frame may hold while it is base64-encoded (Envoy holds any
+  /// size; a bound keeps one call from taking the proxy's memory).
+  public static let defaultMaxTextFrameSize = 16 * 1024 * 1024
+
+  private let configuration: ProxyConfiguration
+  private let group: MultiThreadedEventLoopGroup
+  private let logger: Logger
+  private let onListening: @Sendable ([BoundListener]) async -> Void
+
+  public init(
+    configuration: ProxyConfiguration,
+    group: MultiThreadedEventLoopGroup,
+    logger: Logger,
+    onListening: @escaping @Sendable ([BoundListener]) async -> Void = { _ in }
+  ) {
+    self.configuration = configuration
+    self.group = group
+    self.logger = logger
+    self.onListening = onListening
+  }
+
+  /// Per event loop: the upstream pools and one runtime per listener.
+  private struct LoopState {
+    let upstreams: LoopUpstreams
+    let listeners: [ListenerRuntime]
+  }
+
+  public func run() async throws {
+    let config = self.configuration
+    let logger = self.logger
+    var registry: [ObjectIdentifier: NIOLoopBound<LoopState>] = [:]
+    let routeTables = config.listeners.map { RouteTable($0.routeConfig) }
+    for loop in self.group.makeIterator() {
+      let state = try await loop.submit {
+        let upstreams = LoopUpstreams(eventLoop: loop, clusters: config.clusters, logger: logger)
+        let listeners = zip(config.listeners, routeTables).map {
+          ListenerRuntime(listener: $0, routes: $1, upstreams: upstreams, logger: logger,
+            maxTextFrameSize: Self.defaultMaxTextFrameSize)
+        }
+        return NIOLoopBound(LoopState(upstreams: upstreams, listeners: listeners), eventLoop: loop)
+      }.get()
+      registry[ObjectIdentifier(loop)] = state
+    }
+    let loops = registry
+
+    let threadPool = NIOThreadPool(numberOfThreads: 1)
+    threadPool.start()
+    defer { threadPool.shutdownGracefully { _ in } }
+    let discovery = Discovery(clusters: config.clusters, threadPool: threadPool, logger: logger)
+    let firstLoop = self.group.next()
+    let initial = await discovery.resolveAll(on: firstLoop)
+    for cluster in config.clusters {
+      let endpoints = initial[cluster.name] ?? []
+      logger.info("cluster '\(cluster.name)': \(endpoints.isEmpty ? "no endpoints yet" : endpoints.map(\.description).joined(separator: ", "))")
+      Self.publish(endpoints, cluster: cluster.name, to: loops)
+    }
+
+    var channels: [any Channel] = []
+    var bound: [BoundListener] = []
+    do {
+      for (index, listener) in config.listeners.enumerated() {
+        let channel = try await self.bind(listener, index: index, loops: loops)
+        channels.append(channel)
+        let port = channel.localAddress?.port ?? listener.address.port
+        bound.append(BoundListener(name: listener.name, host: listener.address.host, port: port))
+        logger.info("listener '\(listener.name)' on \(listener.address.host):\(port) (\(listener.codec.rawValue.lowercased()))")
+      }
+    } catch {
+      for channel in channels { try? await channel.close() }
+      throw error
+    }
+    await self.onListening(bound)
+
+    try? await withThrowingDiscardingTaskGroup { group in
+      for cluster in config.clusters where cluster.type != .staticAddresses {
+        group.addTask {
+          var last = initial[cluster.name] ?? []
+          while !Task.isCancelled {
+            try await Task.sleep(for: .nanoseconds(max(cluster.dnsRefreshRate.nanoseconds, 100_000_000)))
+            guard let endpoints = try? await discovery.resolve(cluster, on: firstLoop) else {
+              logger.warning("cluster '\(cluster.name)': DNS lookup failed; keeping \(last.count) known endpoints")
+              continue
+            }
+            if endpoints.isEmpty && !last.isEmpty {
+              logger.warning("cluster '\(cluster.name)': DNS returned no addresses; keeping \(last.count) known endpoints")
+              continue
+            }
+            if endpoints != last {
+              logger.info("cluster '\(cluster.name)': endpoints now \(endpoints.map(\.description).joined(separator: ", "))")
+              last = endpoints
+              Self.publish(endpoints, cluster: cluster.name, to: loops)
+            }
+          }
+        }
+      }
+      try await gracefulShutdown()
+      group.cancelAll()
+    }
+
+    logger.info("shutting down: closing listeners")
+    for channel in channels { try? await channel.close() }
+    for (_, state) in loops {
+      try? await state.eventLoop.submit { state.value.upstreams.closeAll() }.get()
+    }
+  }
+
+  private static func publish(_ endpoints: [HostAndPort], cluster: String, to loops: [ObjectIdentifier: NIOLoopBound<LoopState>]) {
+    for (_, state) in loops {
+      state.eventLoop.execute {
+        state.value.upstreams.setEndpoints(endpoints, forCluster: cluster)
+      }
+    }
+  }
+
+  private func bind(_ listener: Listener, index: Int, loops: [ObjectIdentifier: NIOLoopBound<LoopState>]) async throws -> any Channel {
+    let codec = listener.codec
+    let bootstrap = ServerBootstrap(group: self.group)
+      .serverChannelOption(.backlog, value: 1024)
+      .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+      .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+      .childChannelOption(.maxMessagesPerRead, value: 16)
+      .childChannelInitializer { channel in
+        channel.eventLoop.makeCompletedFuture {
+          guard let state = loops[ObjectIdentifier(channel.eventLoop)] else {
+            throw ProxyError(message: "connection on an unknown event loop")
+          }
+          let runtime = state.value.listeners[index]
+          switch codec {
+          case .http1:
+            try Self.configureHTTP1(channel.pipeline.syncOperations, runtime: runtime)
+          case .http2:
+            try Self.configureHTTP2(channel.pipeline.syncOperations, runtime: runtime)
+          case .auto:
+            let detector = ProtocolDetector { context, proto in
+              switch proto {
+              case .http1: try Self.configureHTTP1(context.pipeline.syncOperations, runtime: runtime)
+              case .http2: try Self.configureHTTP2(context.pipeline.syncOperations, runtime: runtime)
+              }
+            }
+            try channel.pipeline.syncOperations.addHandler(detector)
+          }
+        }
+      }
+    do {
+      return try await bootstrap.bind(host: listener.address.host, port: listener.address.port).get()
+    } catch {
+      throw ProxyError(message: "listener '\(listener.name)': cannot listen on \(listener.address): \(error)")
+    }
+  }
+
+  /// The only place downstream pipelines are assembled.
+  static func configureHTTP1(_ pipeline: ChannelPipeline.SynchronousOperations, runtime: ListenerRuntime) throws {
+    try pipeline.configureHTTPServerPipeline(withPipeliningAssistance: true, withErrorHandling: true)
+    try pipeline.addHandler(HTTP1ProxyHandler(runtime: runtime))
+  }
+
+  static func configureHTTP2(_ pipeline: ChannelPipeline.SynchronousOperations, runtime: ListenerRuntime) throws {
+    var connection = NIOHTTP2Handler.ConnectionConfiguration()
+    connection.initialSettings = [
+      HTTP2Setting(parameter: .maxConcurrentStreams, value: 1000),
+      HTTP2Setting(parameter: .initialWindowSize, value: 1 << 20),
+      HTTP2Setting(parameter: .maxHeaderListSize, value: 1 << 16),
+    ]
+    connection.targetWindowSize = 8 << 20
+    var stream = NIOHTTP2Handler.StreamConfiguration()
+    stream.targetWindowSize = 1 << 20
+    let bound = NIOLoopBound(runtime, eventLoop: runtime.upstreams.eventLoop)
+    _ = try pipeline.configureHTTP2Pipeline(
+      mode: .server,
+      connectionConfiguration: connection,
+      streamConfiguration: stream
+    ) { streamChannel in
+      streamChannel.eventLoop.makeCompletedFuture {
+        try streamChannel.pipeline.syncOperations.addHandler(HTTP2ProxyStreamHandler(runtime: bound.value))
+      }
+    }
+  }
+}

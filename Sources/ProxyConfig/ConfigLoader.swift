@@ -1,0 +1,567 @@
+import Foundation
+import Yams
+
+/// A configuration read from a file, with what the reader has to say about it.
+public struct LoadedConfiguration: Sendable {
+  public var configuration: ProxyConfiguration
+  public var warnings: [ConfigWarning]
+}
+
+/// Reads Envoy-shaped YAML (v3 `typed_config` with `@type`, and the v2 `config:` forms with the
+/// `envoy.*` filter names) into a `ProxyConfiguration`.
+public enum ConfigLoader {
+  public static func load(file: String) throws(ConfigError) -> LoadedConfiguration {
+    let text: String
+    do {
+      text = try String(contentsOfFile: file, encoding: .utf8)
+    } catch {
+      throw ConfigError(file: file, path: "", line: nil, message: "cannot read the file: \(error.localizedDescription)")
+    }
+    do {
+      return try self.load(yaml: text)
+    } catch {
+      var error = error
+      error.file = file
+      throw error
+    }
+  }
+
+  public static func load(yaml: String) throws(ConfigError) -> LoadedConfiguration {
+    let root: Node
+    do {
+      guard let node = try Yams.compose(yaml: yaml) else {
+        throw ConfigError(path: "", line: nil, message: "the file is empty")
+      }
+      root = node
+    } catch let error as ConfigError {
+      throw error
+    } catch let error as YamlError {
+      throw Self.describe(error)
+    } catch {
+      throw ConfigError(path: "", line: nil, message: "not valid YAML: \(error)")
+    }
+    let sink = WarningSink()
+    let configuration = try Reader(sink: sink).configuration(YAMLValue(node: root, path: ""))
+    return LoadedConfiguration(configuration: configuration, warnings: sink.warnings)
+  }
+
+  private static func describe(_ error: YamlError) -> ConfigError {
+    switch error {
+    case .duplicatedKeysInMapping(let duplicates, let context):
+      return ConfigError(
+        path: "",
+        line: context.mark.line,
+        message: "duplicate key \(duplicates.map { "'\($0)'" }.joined(separator: ", ")) in one mapping"
+      )
+    case .scanner(let context, let problem, let mark, _), .parser(let context, let problem, let mark, _):
+      let what = [context?.text, problem].compactMap { $0 }.filter { !$0.isEmpty }.joined(separator: ": ")
+      return ConfigError(path: "", line: mark.line, message: "not valid YAML: \(what)")
+    default:
+      return ConfigError(path: "", line: nil, message: "not valid YAML: \(error)")
+    }
+  }
+}
+
+/// Walks the YAML tree. Each function reads one Envoy message and says, through `finish`, which
+/// of its fields were not understood.
+private struct Reader {
+  let sink: WarningSink
+
+  func configuration(_ root: YAMLValue) throws(ConfigError) -> ProxyConfiguration {
+    let top = try root.mapping()
+    if top.has("listeners") && !top.has("static_resources") {
+      throw root.error(
+        "this is Envoy's v1 configuration format (top-level 'listeners'), which Envoy itself removed; write it as v3 'static_resources'"
+      )
+    }
+    let resources = try top.required("static_resources").mapping()
+    var admin: Admin?
+    if let adminNode = top.optional("admin") {
+      admin = try self.admin(adminNode)
+    }
+    top.unsupported("layered_runtime", "runtime layers are not supported and are ignored", into: self.sink)
+    top.unsupported("node", "the node identity is only used by Envoy's xDS and is ignored", into: self.sink)
+    if let dynamic = top.optional("dynamic_resources") {
+      throw dynamic.error("dynamic_resources (xDS) is not supported: configure listeners and clusters in static_resources")
+    }
+    top.accept("overload_manager", "stats_sinks", "stats_config", "watchdog", "tracing")
+    try top.finish(known: [], warnings: self.sink)
+
+    var clusters: [Cluster] = []
+    for node in try resources.optional("clusters")?.sequence() ?? [] {
+      let cluster = try self.cluster(node)
+      if clusters.contains(where: { $0.name == cluster.name }) {
+        throw node.error("a cluster named '\(cluster.name)' is already defined")
+      }
+      clusters.append(cluster)
+    }
+    var listeners: [Listener] = []
+    for node in try resources.required("listeners").sequence() {
+      listeners.append(try self.listener(node, clusters: clusters))
+    }
+    try resources.finish(known: [], warnings: self.sink)
+    return ProxyConfiguration(listeners: listeners, clusters: clusters, admin: admin)
+  }
+
+  func admin(_ node: YAMLValue) throws(ConfigError) -> Admin {
+    let m = try node.mapping()
+    let address = try m.optional("address").map { v throws(ConfigError) in try self.address(v) }
+    m.accept("access_log_path", "access_log", "profile_path")
+    try m.finish(known: [], warnings: self.sink)
+    return Admin(address: address)
+  }
+
+  func address(_ node: YAMLValue) throws(ConfigError) -> HostAndPort {
+    let m = try node.mapping()
+    if let pipe = m.optional("pipe") {
+      throw pipe.error("unix socket addresses are not supported; use socket_address")
+    }
+    let socket = try m.required("socket_address").mapping()
+    let host = try socket.required("address").string()
+    let portNode = try socket.required("port_value")
+    let port = try portNode.int()
+    guard (0...65535).contains(port) else { throw portNode.error("port \(port) is out of range 0-65535") }
+    socket.accept("protocol", "ipv4_compat")
+    try socket.finish(known: [], warnings: self.sink)
+    try m.finish(known: [], warnings: self.sink)
+    return HostAndPort(host: host, port: port)
+  }
+
+  // MARK: - Listeners
+
+  func listener(_ node: YAMLValue, clusters: [Cluster]) throws(ConfigError) -> Listener {
+    let m = try node.mapping()
+    let name = try m.optional("name")?.string() ?? node.path
+    let address = try self.address(try m.required("address"))
+    let chains = try m.required("filter_chains").sequence()
+    guard let firstChain = chains.first else {
+      throw ConfigError(path: m.child("filter_chains"), line: node.line, message: "a listener needs at least one filter chain")
+    }
+    if chains.count > 1 {
+      self.sink.add(chains[1], "only the first filter chain is used; choosing chains by SNI comes with TLS support")
+    }
+    let chain = try firstChain.mapping()
+    for key in ["transport_socket", "tls_context"] {
+      chain.unsupported(key, "TLS is not supported yet: this listener serves plaintext HTTP", into: self.sink)
+    }
+    chain.unsupported("filter_chain_match", "filter chain matching is not supported yet and is ignored", into: self.sink)
+    let filtersNode = try chain.required("filters")
+    if case .mapping = filtersNode.node {
+      throw filtersNode.error("'filters' must be a list of filters (each item starting with '- name:'), not a mapping")
+    }
+    var hcm: Listener?
+    for filter in try filtersNode.sequence() {
+      let fm = try filter.mapping()
+      let filterName = try fm.optional("name")?.string() ?? ""
+      let (body, type) = try filter.extensionConfig(in: fm)
+      try fm.finish(known: [], warnings: self.sink)
+      let isHCM =
+        filterName == "envoy.filters.network.http_connection_manager" || filterName == "envoy.http_connection_manager"
+        || (type?.hasSuffix("HttpConnectionManager") ?? false)
+      guard isHCM else {
+        self.sink.add(filter, "network filter '\(filterName)' is not supported and is ignored")
+        continue
+      }
+      guard let body else {
+        throw filter.error("the http_connection_manager filter has no typed_config (v3) or config (v2)")
+      }
+      hcm = try self.httpConnectionManager(body, name: name, address: address, clusters: clusters)
+    }
+    guard let listener = hcm else {
+      throw filtersNode.error("no http_connection_manager filter in this filter chain: nothing to serve")
+    }
+    try chain.finish(known: ["name"], warnings: self.sink)
+    m.accept("per_connection_buffer_limit_bytes", "traffic_direction", "stat_prefix")
+    m.unsupported("listener_filters", "listener filters are not supported yet and are ignored", into: self.sink)
+    try m.finish(known: [], warnings: self.sink)
+    return listener
+  }
+
+  func httpConnectionManager(
+    _ m: YAMLMapping,
+    name: String,
+    address: HostAndPort,
+    clusters: [Cluster]
+  ) throws(ConfigError) -> Listener {
+    m.accept("@type", "stat_prefix", "access_log", "use_remote_address", "xff_num_trusted_hops", "generate_request_id",
+      "server_name", "common_http_protocol_options", "http_protocol_options", "http2_protocol_options",
+      "stream_idle_timeout", "request_timeout", "upgrade_configs", "normalize_path", "merge_slashes",
+      "skip_xff_append", "via", "forward_client_cert_details", "set_current_client_cert_details", "tracing")
+    let codec = try m.optional("codec_type")?.enumeration(CodecType.self) ?? .auto
+    if let rds = m.optional("rds") {
+      throw rds.error("rds (routes from xDS) is not supported: put the routes in route_config")
+    }
+    let routeConfig = try self.routeConfiguration(try m.required("route_config"), clusters: clusters)
+    var grpcWeb = false
+    var cors = false
+    var router = false
+    for filter in try m.required("http_filters").sequence() {
+      let fm = try filter.mapping()
+      let filterName = try fm.optional("name")?.string() ?? ""
+      let (_, type) = try filter.extensionConfig(in: fm)
+      fm.accept("disabled", "is_optional")
+      try fm.finish(known: [], warnings: self.sink)
+      let type_ = type ?? ""
+      if filterName == "envoy.filters.http.grpc_web" || filterName == "envoy.grpc_web" || type_.contains("grpc_web") {
+        grpcWeb = true
+      } else if filterName == "envoy.filters.http.cors" || filterName == "envoy.cors" || type_.contains("filters.http.cors") {
+        cors = true
+      } else if filterName == "envoy.filters.http.router" || filterName == "envoy.router" || type_.contains("router") {
+        router = true
+      } else {
+        self.sink.add(filter, "http filter '\(filterName.isEmpty ? type_ : filterName)' is not supported and is skipped")
+      }
+    }
+    if !router {
+      self.sink.add(m.at, "no router filter in http_filters: Envoy would answer every request with 404; grpc-web-proxy routes anyway")
+    }
+    try m.finish(known: [], warnings: self.sink)
+    return Listener(
+      name: name,
+      address: address,
+      codec: codec,
+      routeConfig: routeConfig,
+      grpcWebEnabled: grpcWeb,
+      corsEnabled: cors
+    )
+  }
+
+  // MARK: - Routes
+
+  func routeConfiguration(_ node: YAMLValue, clusters: [Cluster]) throws(ConfigError) -> RouteConfiguration {
+    let m = try node.mapping()
+    m.accept("name", "validate_clusters")
+    m.unsupported("response_headers_to_add", "response_headers_to_add is not supported yet and is ignored", into: self.sink)
+    m.unsupported("request_headers_to_add", "request_headers_to_add is not supported yet and is ignored", into: self.sink)
+    var hosts: [VirtualHost] = []
+    for vh in try m.optional("virtual_hosts")?.sequence() ?? [] {
+      hosts.append(try self.virtualHost(vh, clusters: clusters))
+    }
+    try m.finish(known: [], warnings: self.sink)
+    return RouteConfiguration(virtualHosts: hosts)
+  }
+
+  func virtualHost(_ node: YAMLValue, clusters: [Cluster]) throws(ConfigError) -> VirtualHost {
+    let m = try node.mapping()
+    let name = try m.optional("name")?.string() ?? ""
+    let domainsNode = try m.required("domains")
+    let domains = try domainsNode.sequence().map { v throws(ConfigError) in try v.string() }
+    if domains.isEmpty { throw domainsNode.error("a virtual host needs at least one domain (\"*\" matches all)") }
+    var cors = try m.optional("cors").map { v throws(ConfigError) in try self.corsPolicy(v) }
+    if let perFilter = try self.perFilterCORS(m) { cors = perFilter.layered(over: cors) }
+    var routes: [Route] = []
+    for route in try m.optional("routes")?.sequence() ?? [] {
+      routes.append(try self.route(route, clusters: clusters))
+    }
+    m.unsupported("require_tls", "require_tls is not supported yet and is ignored", into: self.sink)
+    m.unsupported("retry_policy", "virtual host retry_policy is not supported yet and is ignored", into: self.sink)
+    try m.finish(known: [], warnings: self.sink)
+    return VirtualHost(name: name, domains: domains, routes: routes, cors: cors)
+  }
+
+  func perFilterCORS(_ m: YAMLMapping) throws(ConfigError) -> CORSPolicy? {
+    guard let tpfc = m.optional("typed_per_filter_config") else { return nil }
+    let filters = try tpfc.mapping()
+    var policy: CORSPolicy?
+    for key in filters.keys {
+      guard let value = filters.optional(key) else { continue }
+      let body = try value.mapping()
+      let type = try body.optional("@type")?.string() ?? ""
+      if key.contains("cors") || type.contains("CorsPolicy") {
+        policy = try self.corsPolicy(body)
+      } else {
+        self.sink.add(value, "per-filter config for '\(key)' is not supported and is ignored")
+      }
+    }
+    return policy
+  }
+
+  func route(_ node: YAMLValue, clusters: [Cluster]) throws(ConfigError) -> Route {
+    let m = try node.mapping()
+    let name = try m.optional("name")?.string()
+    let match = try self.routeMatch(try m.required("match"))
+    var timeouts = RouteTimeouts()
+    var prefixRewrite: String?
+    var cors: CORSPolicy?
+    let action: Route.Action
+    if let routeNode = m.optional("route") {
+      let r = try routeNode.mapping()
+      guard let clusterNode = r.optional("cluster") else {
+        if let other = r.optional("weighted_clusters") ?? r.optional("cluster_header") {
+          throw other.error("'\(other.path.split(separator: ".").last ?? "")' is not supported yet; name one 'cluster'")
+        }
+        throw routeNode.error("the route names no 'cluster'")
+      }
+      let clusterName = try clusterNode.string()
+      if !clusters.contains(where: { $0.name == clusterName }) {
+        throw clusterNode.error("no cluster named '\(clusterName)' in static_resources.clusters")
+      }
+      action = .cluster(clusterName)
+      timeouts.timeout = try r.optional("timeout")?.duration()
+      timeouts.maxGrpcTimeout = try r.optional("max_grpc_timeout")?.duration()
+      timeouts.grpcTimeoutOffset = try r.optional("grpc_timeout_offset")?.duration()
+      if let msd = r.optional("max_stream_duration") {
+        let mm = try msd.mapping()
+        timeouts.maxStreamDuration = try mm.optional("max_stream_duration")?.duration()
+        timeouts.grpcTimeoutHeaderMax = try mm.optional("grpc_timeout_header_max")?.duration()
+        timeouts.grpcTimeoutHeaderOffset = try mm.optional("grpc_timeout_header_offset")?.duration()
+        try mm.finish(known: [])
+      }
+      prefixRewrite = try r.optional("prefix_rewrite")?.string()
+      cors = try r.optional("cors").map { v throws(ConfigError) in try self.corsPolicy(v) }
+      r.unsupported("idle_timeout", "route idle_timeout is not supported yet and is ignored", into: self.sink)
+      r.unsupported("retry_policy", "retry_policy is not supported yet: calls are not retried", into: self.sink)
+      r.unsupported("regex_rewrite", "regex_rewrite is not supported yet and is ignored", into: self.sink)
+      r.unsupported("host_rewrite_literal", "host_rewrite_literal is not supported yet and is ignored", into: self.sink)
+      r.accept("auto_host_rewrite", "cluster_not_found_response_code")
+      try r.finish(known: [], warnings: self.sink)
+    } else if let direct = m.optional("direct_response") {
+      let d = try direct.mapping()
+      let status = try d.required("status").int()
+      var body: String?
+      if let b = d.optional("body") {
+        let bm = try b.mapping()
+        body = try bm.optional("inline_string")?.string()
+        try bm.finish(known: [], warnings: self.sink)
+      }
+      try d.finish(known: [], warnings: self.sink)
+      action = .directResponse(status: status, body: body)
+    } else if let redirect = m.optional("redirect") {
+      throw redirect.error("redirect routes are not supported yet")
+    } else {
+      throw node.error("a route needs 'route' (with a cluster) or 'direct_response'")
+    }
+    if let perFilter = try self.perFilterCORS(m) { cors = perFilter.layered(over: cors) }
+    m.unsupported("request_headers_to_add", "request_headers_to_add is not supported yet and is ignored", into: self.sink)
+    m.unsupported("response_headers_to_add", "response_headers_to_add is not supported yet and is ignored", into: self.sink)
+    m.accept("decorator", "metadata")
+    try m.finish(known: [], warnings: self.sink)
+    return Route(name: name, match: match, action: action, timeouts: timeouts, prefixRewrite: prefixRewrite, cors: cors)
+  }
+
+  func routeMatch(_ node: YAMLValue) throws(ConfigError) -> RouteMatch {
+    let m = try node.mapping()
+    let path: RouteMatch.PathMatch
+    if let p = m.optional("prefix") {
+      path = .prefix(try p.string())
+    } else if let p = m.optional("path") {
+      path = .path(try p.string())
+    } else if let r = m.optional("safe_regex") {
+      let rm = try r.mapping()
+      let regex = try rm.required("regex").string()
+      rm.accept("google_re2")
+      try rm.finish(known: [])
+      guard (try? NSRegularExpression(pattern: regex)) != nil else { throw r.error("'\(regex)' is not a valid regular expression") }
+      path = .regex(regex)
+    } else {
+      throw node.error("a route match needs 'prefix', 'path' or 'safe_regex'")
+    }
+    let caseSensitive = try m.optional("case_sensitive")?.bool() ?? true
+    var headers: [HeaderMatcher] = []
+    for h in try m.optional("headers")?.sequence() ?? [] {
+      headers.append(try self.headerMatcher(h))
+    }
+    let grpcOnly = m.optional("grpc") != nil
+    m.unsupported("query_parameters", "query_parameters matching is not supported yet and is ignored", into: self.sink)
+    try m.finish(known: [], warnings: self.sink)
+    return RouteMatch(path: path, caseSensitive: caseSensitive, headers: headers, grpcOnly: grpcOnly)
+  }
+
+  func headerMatcher(_ node: YAMLValue) throws(ConfigError) -> HeaderMatcher {
+    let m = try node.mapping()
+    let name = try m.required("name").string().lowercased()
+    let invert = try m.optional("invert_match")?.bool() ?? false
+    let kind: HeaderMatcher.Kind
+    if let v = m.optional("exact_match") {
+      kind = .string(.init(.exact(try v.string())))
+    } else if let v = m.optional("prefix_match") {
+      kind = .string(.init(.prefix(try v.string())))
+    } else if let v = m.optional("suffix_match") {
+      kind = .string(.init(.suffix(try v.string())))
+    } else if let v = m.optional("contains_match") {
+      kind = .string(.init(.contains(try v.string())))
+    } else if let v = m.optional("present_match") {
+      kind = .present(try v.bool())
+    } else if let v = m.optional("string_match") {
+      kind = .string(try self.stringMatcher(v))
+    } else if let v = m.optional("safe_regex_match") {
+      let rm = try v.mapping()
+      let regex = try rm.required("regex").string()
+      rm.accept("google_re2")
+      try rm.finish(known: [])
+      kind = .string(.init(.regex(regex)))
+    } else {
+      kind = .present(true)
+    }
+    try m.finish(known: [], warnings: self.sink)
+    return HeaderMatcher(name: name, kind: kind, invert: invert)
+  }
+
+  func stringMatcher(_ node: YAMLValue) throws(ConfigError) -> StringMatcher {
+    let m = try node.mapping()
+    let ignoreCase = try m.optional("ignore_case")?.bool() ?? false
+    let kind: StringMatcher.Kind
+    if let v = m.optional("exact") {
+      kind = .exact(try v.string())
+    } else if let v = m.optional("prefix") {
+      kind = .prefix(try v.string())
+    } else if let v = m.optional("suffix") {
+      kind = .suffix(try v.string())
+    } else if let v = m.optional("contains") {
+      kind = .contains(try v.string())
+    } else if let v = m.optional("safe_regex") {
+      let rm = try v.mapping()
+      let regex = try rm.required("regex").string()
+      rm.accept("google_re2")
+      try rm.finish(known: [])
+      guard (try? NSRegularExpression(pattern: regex)) != nil else { throw v.error("'\(regex)' is not a valid regular expression") }
+      kind = .regex(regex)
+    } else {
+      throw node.error("a string matcher needs one of exact, prefix, suffix, contains or safe_regex")
+    }
+    try m.finish(known: [])
+    return StringMatcher(kind, ignoreCase: ignoreCase)
+  }
+
+  // MARK: - CORS
+
+  func corsPolicy(_ node: YAMLValue) throws(ConfigError) -> CORSPolicy {
+    try self.corsPolicy(try node.mapping())
+  }
+
+  func corsPolicy(_ m: YAMLMapping) throws(ConfigError) -> CORSPolicy {
+    m.accept("@type")
+    var policy = CORSPolicy()
+    var origins: [StringMatcher]?
+    if let list = m.optional("allow_origin_string_match") {
+      origins = try list.sequence().map { v throws(ConfigError) in try self.stringMatcher(v) }
+    }
+    if let list = m.optional("allow_origin") {
+      // v2: a list of exact origins, where "*" allows any.
+      let legacy = try list.sequence().map { v throws(ConfigError) in StringMatcher(.exact(try v.string())) }
+      origins = (origins ?? []) + legacy
+    }
+    if let list = m.optional("allow_origin_regex") {
+      let legacy = try list.sequence().map { v throws(ConfigError) in StringMatcher(.regex(try v.string())) }
+      origins = (origins ?? []) + legacy
+    }
+    policy.allowOrigins = origins
+    policy.allowMethods = try m.optional("allow_methods")?.string()
+    policy.allowHeaders = try m.optional("allow_headers")?.string()
+    policy.exposeHeaders = try m.optional("expose_headers")?.string()
+    policy.maxAge = try m.optional("max_age")?.string()
+    policy.allowCredentials = try m.optional("allow_credentials")?.bool()
+    policy.allowPrivateNetworkAccess = try m.optional("allow_private_network_access")?.bool()
+    policy.forwardNotMatchingPreflights = try m.optional("forward_not_matching_preflights")?.bool()
+    if let enabled = m.optional("enabled") {
+      policy.enabledPercent = try enabled.bool() ? 100 : 0
+    }
+    if let fe = m.optional("filter_enabled") {
+      policy.enabledPercent = try self.fractionalPercent(fe)
+    }
+    m.unsupported("shadow_enabled", "shadow_enabled is not supported yet and is ignored", into: self.sink)
+    try m.finish(known: [], warnings: self.sink)
+    return policy
+  }
+
+  func fractionalPercent(_ node: YAMLValue) throws(ConfigError) -> Double {
+    let m = try node.mapping()
+    m.accept("runtime_key")
+    guard let value = m.optional("default_value") else { try m.finish(known: []); return 100 }
+    let v = try value.mapping()
+    let numerator = Double(try v.optional("numerator")?.int() ?? 0)
+    let denominator: Double
+    switch try v.optional("denominator")?.string().uppercased() ?? "HUNDRED" {
+    case "HUNDRED": denominator = 100
+    case "TEN_THOUSAND": denominator = 10_000
+    case "MILLION": denominator = 1_000_000
+    case let other: throw value.error("unknown denominator '\(other)'")
+    }
+    try v.finish(known: [])
+    try m.finish(known: [])
+    return numerator / denominator * 100
+  }
+
+  // MARK: - Clusters
+
+  func cluster(_ node: YAMLValue) throws(ConfigError) -> Cluster {
+    let m = try node.mapping()
+    let name = try m.required("name").string()
+    var type = Cluster.DiscoveryType.staticAddresses
+    if let t = m.optional("type") {
+      type = try t.enumeration(Cluster.DiscoveryType.self)
+    }
+    if let t = m.optional("cluster_type") {
+      throw t.error("custom cluster types are not supported; use STATIC, STRICT_DNS or LOGICAL_DNS")
+    }
+    let connectTimeout = try m.optional("connect_timeout")?.duration() ?? .seconds(5)
+    let lb = try m.optional("lb_policy")?.enumeration(Cluster.LoadBalancing.self) ?? .roundRobin
+    let refresh = try m.optional("dns_refresh_rate")?.duration() ?? .seconds(5)
+    var http2 = m.optional("http2_protocol_options") != nil
+    if let features = m.optional("features"), (try features.string()).uppercased().contains("HTTP2") { http2 = true }
+    if let tepo = m.optional("typed_extension_protocol_options") {
+      let options = try tepo.mapping()
+      for key in options.keys {
+        guard let value = options.optional(key) else { continue }
+        if Self.mentionsHTTP2(value.node) { http2 = true }
+      }
+    }
+    var endpoints: [HostAndPort] = []
+    for host in try m.optional("hosts")?.sequence() ?? [] {
+      endpoints.append(try self.address(host))
+    }
+    if let la = m.optional("load_assignment") {
+      let lam = try la.mapping()
+      lam.accept("cluster_name", "policy")
+      for group in try lam.optional("endpoints")?.sequence() ?? [] {
+        let gm = try group.mapping()
+        gm.accept("locality", "priority", "load_balancing_weight")
+        for lbe in try gm.optional("lb_endpoints")?.sequence() ?? [] {
+          let lm = try lbe.mapping()
+          lm.accept("load_balancing_weight", "health_status", "metadata")
+          let em = try lm.required("endpoint").mapping()
+          endpoints.append(try self.address(try em.required("address")))
+          em.accept("hostname", "health_check_config")
+          try em.finish(known: [], warnings: self.sink)
+          try lm.finish(known: [], warnings: self.sink)
+        }
+        try gm.finish(known: [], warnings: self.sink)
+      }
+      try lam.finish(known: [], warnings: self.sink)
+    }
+    if endpoints.isEmpty {
+      throw ConfigError(path: m.child("load_assignment"), line: node.line, message: "cluster '\(name)' has no endpoints (load_assignment or hosts)")
+    }
+    for key in ["transport_socket", "tls_context"] {
+      m.unsupported(key, "TLS to upstreams is not supported yet: cluster '\(name)' is reached in plaintext", into: self.sink)
+    }
+    m.unsupported("health_checks", "active health checks are not supported yet and are ignored", into: self.sink)
+    m.unsupported("outlier_detection", "outlier detection is not supported yet and is ignored", into: self.sink)
+    m.unsupported("circuit_breakers", "circuit breakers are not supported yet and are ignored", into: self.sink)
+    m.accept("dns_lookup_family", "respect_dns_ttl", "dns_failure_refresh_rate", "upstream_connection_options",
+      "common_http_protocol_options", "per_connection_buffer_limit_bytes", "max_requests_per_connection",
+      "common_lb_config", "close_connections_on_host_health_failure", "ignore_health_on_host_removal",
+      "dns_resolvers", "typed_dns_resolver_config", "use_tcp_for_dns_lookups", "alt_stat_name")
+    try m.finish(known: [], warnings: self.sink)
+    return Cluster(
+      name: name,
+      type: type,
+      endpoints: endpoints,
+      connectTimeout: connectTimeout,
+      loadBalancing: lb,
+      http2: http2,
+      dnsRefreshRate: refresh
+    )
+  }
+
+  static func mentionsHTTP2(_ node: Node) -> Bool {
+    switch node {
+    case .mapping(let m):
+      return m.contains { ($0.key.string ?? "").contains("http2_protocol_options") || Self.mentionsHTTP2($0.value) }
+    case .sequence(let s):
+      return s.contains { Self.mentionsHTTP2($0) }
+    default:
+      return false
+    }
+  }
+}

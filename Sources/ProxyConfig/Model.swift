@@ -1,0 +1,321 @@
+// The validated configuration: what the proxy runs on. Built from Envoy-shaped YAML by
+// `ConfigLoader`, or in code (the embedded default, tests). Plain values: no NIO, no sockets.
+
+/// A span of time, in nanoseconds, as Envoy's `google.protobuf.Duration` fields carry it.
+public struct ProxyDuration: Sendable, Hashable, Comparable, CustomStringConvertible {
+  public var nanoseconds: Int64
+
+  public init(nanoseconds: Int64) { self.nanoseconds = nanoseconds }
+  public static func seconds(_ s: Int64) -> ProxyDuration { .init(nanoseconds: s * 1_000_000_000) }
+  public static func milliseconds(_ ms: Int64) -> ProxyDuration { .init(nanoseconds: ms * 1_000_000) }
+  public static let zero = ProxyDuration(nanoseconds: 0)
+
+  public var milliseconds: Int64 { self.nanoseconds / 1_000_000 }
+  public var isZero: Bool { self.nanoseconds == 0 }
+
+  public static func < (lhs: ProxyDuration, rhs: ProxyDuration) -> Bool {
+    lhs.nanoseconds < rhs.nanoseconds
+  }
+
+  public var description: String {
+    if self.nanoseconds % 1_000_000_000 == 0 { return "\(self.nanoseconds / 1_000_000_000)s" }
+    return "\(Double(self.nanoseconds) / 1e9)s"
+  }
+}
+
+public struct ProxyConfiguration: Sendable, Hashable {
+  public var listeners: [Listener]
+  public var clusters: [Cluster]
+  public var admin: Admin?
+
+  public init(listeners: [Listener], clusters: [Cluster], admin: Admin? = nil) {
+    self.listeners = listeners
+    self.clusters = clusters
+    self.admin = admin
+  }
+
+  public func cluster(named name: String) -> Cluster? {
+    self.clusters.first { $0.name == name }
+  }
+}
+
+public struct HostAndPort: Sendable, Hashable, CustomStringConvertible {
+  public var host: String
+  public var port: Int
+
+  public init(host: String, port: Int) {
+    self.host = host
+    self.port = port
+  }
+
+  public var description: String { self.host.contains(":") ? "[\(self.host)]:\(self.port)" : "\(self.host):\(self.port)" }
+}
+
+public struct Admin: Sendable, Hashable {
+  public var address: HostAndPort?
+  public init(address: HostAndPort?) { self.address = address }
+}
+
+public enum CodecType: String, Sendable, Hashable, CaseIterable {
+  case auto = "AUTO"
+  case http1 = "HTTP1"
+  case http2 = "HTTP2"
+}
+
+public struct Listener: Sendable, Hashable {
+  public var name: String
+  public var address: HostAndPort
+  public var codec: CodecType
+  public var routeConfig: RouteConfiguration
+  /// Whether the http_filters chain holds a grpc_web filter. Without it, gRPC-Web requests are
+  /// routed untouched, as Envoy does.
+  public var grpcWebEnabled: Bool
+  /// Whether the chain holds a cors filter; without one, `cors` policies have no effect.
+  public var corsEnabled: Bool
+
+  public init(
+    name: String,
+    address: HostAndPort,
+    codec: CodecType,
+    routeConfig: RouteConfiguration,
+    grpcWebEnabled: Bool,
+    corsEnabled: Bool
+  ) {
+    self.name = name
+    self.address = address
+    self.codec = codec
+    self.routeConfig = routeConfig
+    self.grpcWebEnabled = grpcWebEnabled
+    self.corsEnabled = corsEnabled
+  }
+}
+
+public struct RouteConfiguration: Sendable, Hashable {
+  public var virtualHosts: [VirtualHost]
+  public init(virtualHosts: [VirtualHost]) { self.virtualHosts = virtualHosts }
+}
+
+public struct VirtualHost: Sendable, Hashable {
+  public var name: String
+  public var domains: [String]
+  public var routes: [Route]
+  public var cors: CORSPolicy?
+
+  public init(name: String, domains: [String], routes: [Route], cors: CORSPolicy?) {
+    self.name = name
+    self.domains = domains
+    self.routes = routes
+    self.cors = cors
+  }
+}
+
+public struct StringMatcher: Sendable, Hashable {
+  public enum Kind: Sendable, Hashable {
+    case exact(String)
+    case prefix(String)
+    case suffix(String)
+    case contains(String)
+    case regex(String)
+  }
+
+  public var kind: Kind
+  public var ignoreCase: Bool
+
+  public init(_ kind: Kind, ignoreCase: Bool = false) {
+    self.kind = kind
+    self.ignoreCase = ignoreCase
+  }
+}
+
+public struct HeaderMatcher: Sendable, Hashable {
+  public enum Kind: Sendable, Hashable {
+    case present(Bool)
+    case string(StringMatcher)
+  }
+
+  public var name: String
+  public var kind: Kind
+  public var invert: Bool
+
+  public init(name: String, kind: Kind, invert: Bool = false) {
+    self.name = name
+    self.kind = kind
+    self.invert = invert
+  }
+}
+
+public struct RouteMatch: Sendable, Hashable {
+  public enum PathMatch: Sendable, Hashable {
+    case prefix(String)
+    case path(String)
+    case regex(String)
+  }
+
+  public var path: PathMatch
+  public var caseSensitive: Bool
+  public var headers: [HeaderMatcher]
+  /// `grpc: {}`: only requests with a gRPC content-type match.
+  public var grpcOnly: Bool
+
+  public init(path: PathMatch, caseSensitive: Bool = true, headers: [HeaderMatcher] = [], grpcOnly: Bool = false) {
+    self.path = path
+    self.caseSensitive = caseSensitive
+    self.headers = headers
+    self.grpcOnly = grpcOnly
+  }
+}
+
+/// The timeouts of a route, kept as Envoy spells them because their interplay is Envoy's
+/// (protocol doc section 5).
+public struct RouteTimeouts: Sendable, Hashable {
+  /// `route.timeout`; nil means Envoy's default of 15 s; zero disables it.
+  public var timeout: ProxyDuration?
+  public var maxGrpcTimeout: ProxyDuration?
+  public var grpcTimeoutOffset: ProxyDuration?
+  public var maxStreamDuration: ProxyDuration?
+  public var grpcTimeoutHeaderMax: ProxyDuration?
+  public var grpcTimeoutHeaderOffset: ProxyDuration?
+
+  public init(
+    timeout: ProxyDuration? = nil,
+    maxGrpcTimeout: ProxyDuration? = nil,
+    grpcTimeoutOffset: ProxyDuration? = nil,
+    maxStreamDuration: ProxyDuration? = nil,
+    grpcTimeoutHeaderMax: ProxyDuration? = nil,
+    grpcTimeoutHeaderOffset: ProxyDuration? = nil
+  ) {
+    self.timeout = timeout
+    self.maxGrpcTimeout = maxGrpcTimeout
+    self.grpcTimeoutOffset = grpcTimeoutOffset
+    self.maxStreamDuration = maxStreamDuration
+    self.grpcTimeoutHeaderMax = grpcTimeoutHeaderMax
+    self.grpcTimeoutHeaderOffset = grpcTimeoutHeaderOffset
+  }
+
+  public static let envoyDefaultTimeout = ProxyDuration.seconds(15)
+}
+
+public struct Route: Sendable, Hashable {
+  public enum Action: Sendable, Hashable {
+    case cluster(String)
+    case directResponse(status: Int, body: String?)
+  }
+
+  public var name: String?
+  public var match: RouteMatch
+  public var action: Action
+  public var timeouts: RouteTimeouts
+  public var prefixRewrite: String?
+  public var cors: CORSPolicy?
+
+  public init(
+    name: String? = nil,
+    match: RouteMatch,
+    action: Action,
+    timeouts: RouteTimeouts = .init(),
+    prefixRewrite: String? = nil,
+    cors: CORSPolicy? = nil
+  ) {
+    self.name = name
+    self.match = match
+    self.action = action
+    self.timeouts = timeouts
+    self.prefixRewrite = prefixRewrite
+    self.cors = cors
+  }
+}
+
+/// Envoy's `CorsPolicy`. Each field is optional so that a route's policy can be layered over its
+/// virtual host's, field by field, as Envoy does (protocol doc C1).
+public struct CORSPolicy: Sendable, Hashable {
+  public var allowOrigins: [StringMatcher]?
+  public var allowMethods: String?
+  public var allowHeaders: String?
+  public var exposeHeaders: String?
+  public var maxAge: String?
+  public var allowCredentials: Bool?
+  public var allowPrivateNetworkAccess: Bool?
+  /// `filter_enabled` as a percentage; nil means enabled.
+  public var enabledPercent: Double?
+  public var forwardNotMatchingPreflights: Bool?
+
+  public init(
+    allowOrigins: [StringMatcher]? = nil,
+    allowMethods: String? = nil,
+    allowHeaders: String? = nil,
+    exposeHeaders: String? = nil,
+    maxAge: String? = nil,
+    allowCredentials: Bool? = nil,
+    allowPrivateNetworkAccess: Bool? = nil,
+    enabledPercent: Double? = nil,
+    forwardNotMatchingPreflights: Bool? = nil
+  ) {
+    self.allowOrigins = allowOrigins
+    self.allowMethods = allowMethods
+    self.allowHeaders = allowHeaders
+    self.exposeHeaders = exposeHeaders
+    self.maxAge = maxAge
+    self.allowCredentials = allowCredentials
+    self.allowPrivateNetworkAccess = allowPrivateNetworkAccess
+    self.enabledPercent = enabledPercent
+    self.forwardNotMatchingPreflights = forwardNotMatchingPreflights
+  }
+
+  /// This policy with every unset field taken from `fallback` (the less specific policy).
+  public func layered(over fallback: CORSPolicy?) -> CORSPolicy {
+    guard let fallback else { return self }
+    var merged = self
+    merged.allowOrigins = self.allowOrigins ?? fallback.allowOrigins
+    merged.allowMethods = self.allowMethods ?? fallback.allowMethods
+    merged.allowHeaders = self.allowHeaders ?? fallback.allowHeaders
+    merged.exposeHeaders = self.exposeHeaders ?? fallback.exposeHeaders
+    merged.maxAge = self.maxAge ?? fallback.maxAge
+    merged.allowCredentials = self.allowCredentials ?? fallback.allowCredentials
+    merged.allowPrivateNetworkAccess = self.allowPrivateNetworkAccess ?? fallback.allowPrivateNetworkAccess
+    merged.enabledPercent = self.enabledPercent ?? fallback.enabledPercent
+    merged.forwardNotMatchingPreflights = self.forwardNotMatchingPreflights ?? fallback.forwardNotMatchingPreflights
+    return merged
+  }
+}
+
+public struct Cluster: Sendable, Hashable {
+  public enum DiscoveryType: String, Sendable, Hashable, CaseIterable {
+    case staticAddresses = "STATIC"
+    case strictDNS = "STRICT_DNS"
+    case logicalDNS = "LOGICAL_DNS"
+  }
+
+  public enum LoadBalancing: String, Sendable, Hashable, CaseIterable {
+    case roundRobin = "ROUND_ROBIN"
+    case leastRequest = "LEAST_REQUEST"
+    case random = "RANDOM"
+  }
+
+  public var name: String
+  public var type: DiscoveryType
+  public var endpoints: [HostAndPort]
+  public var connectTimeout: ProxyDuration
+  public var loadBalancing: LoadBalancing
+  /// Whether the upstream speaks HTTP/2. gRPC needs it; without it the cluster is HTTP/1.1 in
+  /// Envoy, which no gRPC server accepts.
+  public var http2: Bool
+  public var dnsRefreshRate: ProxyDuration
+
+  public init(
+    name: String,
+    type: DiscoveryType,
+    endpoints: [HostAndPort],
+    connectTimeout: ProxyDuration = .seconds(5),
+    loadBalancing: LoadBalancing = .roundRobin,
+    http2: Bool = true,
+    dnsRefreshRate: ProxyDuration = .seconds(5)
+  ) {
+    self.name = name
+    self.type = type
+    self.endpoints = endpoints
+    self.connectTimeout = connectTimeout
+    self.loadBalancing = loadBalancing
+    self.http2 = http2
+    self.dnsRefreshRate = dnsRefreshRate
+  }
+}

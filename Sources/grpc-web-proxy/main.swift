@@ -1,0 +1,152 @@
+import ArgumentParser
+import Foundation
+import GRPCWebProxy
+import Logging
+import NIOCore
+import NIOPosix
+import ProxyConfig
+import ServiceLifecycle
+import SwiftProtobuf
+import UserService
+
+@main
+struct GRPCWebProxyCommand: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "grpc-web-proxy",
+    abstract: "A gRPC-Web proxy that reads Envoy's YAML: browsers' gRPC-Web in, native gRPC out.",
+    discussion: """
+      With -c, runs the listeners and clusters of an Envoy-shaped YAML file (the http_connection_manager \
+      with grpc_web, cors and router filters). Without it, runs an embedded default: the proxy on \
+      127.0.0.1:8080 in front of an in-process demo.User service.
+      """
+  )
+
+  enum Mode: String, ExpressibleByArgument {
+    case serve
+    case validate
+  }
+
+  @Option(name: [.customShort("c"), .customLong("config-path")], help: "The Envoy-shaped YAML configuration file.")
+  var configPath: String?
+
+  @Option(name: .long, help: "serve (default), or validate: check the configuration and exit 0 or 1, like envoy --mode validate.")
+  var mode: Mode = .serve
+
+  @Option(name: [.customShort("l"), .customLong("log-level")], help: "trace, debug, info, warning, error or critical.")
+  var logLevel: String = "info"
+
+  @Option(name: .long, help: "Event loop threads (Envoy's worker count). Default: one per core.")
+  var concurrency: Int?
+
+  @Option(name: .long, help: "Embedded default only: the address the proxy listens on.")
+  var listen: String = "127.0.0.1:8080"
+
+  @Flag(name: .long, help: "Print the embedded default configuration and exit.")
+  var printDefaultConfig = false
+
+  @Option(name: .customLong("base-id"), help: .hidden)
+  var baseID: Int?
+
+  func run() async throws {
+    let level = Logger.Level(rawValue: self.logLevel.lowercased()) ?? (self.logLevel.lowercased() == "warn" ? .warning : .info)
+    LoggingSystem.bootstrap { label in
+      var handler = StreamLogHandler.standardError(label: label)
+      handler.logLevel = level
+      return handler
+    }
+    let logger = Logger(label: "grpc-web-proxy")
+    let (listenHost, listenPort) = try Self.parseListen(self.listen)
+
+    if self.printDefaultConfig {
+      print(EmbeddedDefault.yaml(listenHost: listenHost, listenPort: listenPort, backendPort: 50051))
+      return
+    }
+
+    if let path = self.configPath {
+      let loaded: LoadedConfiguration
+      do {
+        loaded = try ConfigLoader.load(file: path)
+      } catch {
+        Self.stderr("error: \(error)")
+        throw ExitCode(1)
+      }
+      for warning in loaded.warnings { logger.warning("\(path): \(warning)") }
+      if self.mode == .validate {
+        print("configuration '\(path)' OK")
+        return
+      }
+      try await self.serve(loaded.configuration, logger: logger, backend: nil)
+      return
+    }
+
+    // The embedded default: the User service in-process on a free port, the proxy in front.
+    let (portStream, portContinuation) = AsyncStream<Int>.makeStream()
+    try await withThrowingDiscardingTaskGroup { group in
+      group.addTask {
+        try await BackendServer.run(host: "127.0.0.1", port: 0, replica: "embedded") { port in
+          portContinuation.yield(port)
+          portContinuation.finish()
+        }
+      }
+      var iterator = portStream.makeAsyncIterator()
+      guard let backendPort = await iterator.next() else { throw ExitCode(1) }
+      let yaml = EmbeddedDefault.yaml(listenHost: listenHost, listenPort: listenPort, backendPort: backendPort)
+      let loaded = try ConfigLoader.load(yaml: yaml)
+      try await self.serve(loaded.configuration, logger: logger, backend: backendPort)
+      group.cancelAll()
+    }
+  }
+
+  private func serve(_ configuration: ProxyConfiguration, logger: Logger, backend: Int?) async throws {
+    let threads = self.concurrency ?? System.coreCount
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, threads))
+    let server = ProxyServer(configuration: configuration, group: group, logger: logger) { listeners in
+      guard backend != nil, let first = listeners.first else { return }
+      Self.printWelcome(host: first.host, port: first.port)
+    }
+    let services = ServiceGroup(
+      configuration: .init(services: [.init(service: server)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+    )
+    do {
+      try await services.run()
+    } catch {
+      Self.stderr("error: \(error)")
+      try? await group.shutdownGracefully()
+      throw ExitCode(1)
+    }
+    try await group.shutdownGracefully()
+  }
+
+  private static func parseListen(_ text: String) throws -> (String, Int) {
+    guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]) else {
+      throw ValidationError("--listen takes HOST:PORT, e.g. 127.0.0.1:8080")
+    }
+    return (String(text[..<colon]), port)
+  }
+
+  private static func printWelcome(host: String, port: Int) {
+    var request = Demo_LoginReq()
+    request.username = "demo"
+    request.password = "demo123"
+    let payload = (try? request.serializedBytes() as [UInt8]) ?? []
+    var frame: [UInt8] = [0]
+    let length = UInt32(payload.count)
+    frame += [UInt8(length >> 24), UInt8(length >> 16 & 0xFF), UInt8(length >> 8 & 0xFF), UInt8(length & 0xFF)]
+    frame += payload
+    let body = Data(frame).base64EncodedString()
+    print("""
+      grpc-web-proxy is serving the demo.User service at http://\(host):\(port)
+        accounts: demo / demo123, admin / 123456
+        try a login from a shell (a gRPC-Web text request; the reply is binary, shown with cat -v):
+          curl -s http://\(host):\(port)/demo.User/login -H 'content-type: application/grpc-web-text' \\
+               -H 'x-grpc-web: 1' --data '\(body)' | cat -v
+        or point a gRPC-Web client (grpc-web, protobuf-ts, connect-web) at http://\(host):\(port)
+      Press Ctrl-C to stop.
+      """)
+    fflush(nil)
+  }
+
+  private static func stderr(_ text: String) {
+    FileHandle.standardError.write(Data((text + "\n").utf8))
+  }
+}

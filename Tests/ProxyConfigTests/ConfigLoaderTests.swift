@@ -1,0 +1,169 @@
+import Foundation
+import ProxyConfig
+import Testing
+
+/// `../shared` beside the checkout, where the public corpus and the seeds are read in place.
+let sharedDirectory: URL = {
+  URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+    .deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("shared")
+}()
+
+@Suite struct ConfigLoaderTests {
+  @Test(arguments: [
+    "01-grpc-grpc-web-echo-v3.yaml", "02-grpc-grpc-web-echo-v2-hosts.yaml",
+    "03-grpc-grpc-web-echo-v2-typed.yaml", "04-grpc-grpc-web-helloworld-v2.yaml",
+  ])
+  func loadsTheGrpcWebEchoExamples(_ name: String) throws {
+    let path = sharedDirectory.appendingPathComponent("envoy-corpus/configs/\(name)").path
+    try #require(FileManager.default.fileExists(atPath: path), "the corpus is not beside the checkout at \(path)")
+    let loaded = try ConfigLoader.load(file: path)
+    let config = loaded.configuration
+    #expect(config.listeners.count == 1)
+    let listener = try #require(config.listeners.first)
+    #expect(listener.address.port == 8080)
+    #expect(listener.grpcWebEnabled)
+    #expect(listener.corsEnabled)
+    #expect(listener.codec == .auto)
+    let cluster = try #require(config.clusters.first)
+    #expect(cluster.http2)
+    #expect(cluster.connectTimeout == .milliseconds(250))
+    #expect(cluster.type == .logicalDNS || cluster.type == .strictDNS)
+    let vh = try #require(listener.routeConfig.virtualHosts.first)
+    #expect(vh.domains == ["*"])
+    #expect(vh.cors?.allowOrigins?.isEmpty == false)
+    #expect(vh.cors?.exposeHeaders?.contains("grpc-status") == true)
+  }
+
+  @Test func loadsTheSeedStackConfigWithItsPlaceholderFilled() throws {
+    let seed = sharedDirectory.appendingPathComponent("seeds/003_980161b6ddcd4b93.txt").path
+    try #require(FileManager.default.fileExists(atPath: seed), "seed 003 is not beside the checkout")
+    let text = try String(contentsOfFile: seed, encoding: .utf8)
+    // The YAML runs from "static_resources:" to the cluster's hosts line.
+    let lines = text.components(separatedBy: "\n")
+    let start = try #require(lines.firstIndex { $0.hasPrefix("static_resources:") })
+    let end = try #require(lines[start...].firstIndex { $0.contains("hosts: [{ socket_address") })
+    let yaml = lines[start...end].joined(separator: "\n").replacingOccurrences(of: "{stack名称}", with: "demo")
+    let config = try ConfigLoader.load(yaml: yaml).configuration
+    let route = try #require(config.listeners.first?.routeConfig.virtualHosts.first?.routes.first)
+    #expect(route.timeouts.maxGrpcTimeout == .zero)
+    #expect(config.clusters.first?.endpoints == [HostAndPort(host: "demo_x-grpc", port: 50051)])
+    #expect(config.clusters.first?.type == .logicalDNS)
+    #expect(config.listeners.first?.routeConfig.virtualHosts.first?.cors?.allowOrigins?.first == StringMatcher(.exact("*")))
+  }
+
+  @Test(arguments: [
+    ("0s", Int64(0)), ("'0.25s'", 250_000_000), ("30.000s", 30_000_000_000), ("{seconds: 60}", 60_000_000_000),
+    ("1.5s", 1_500_000_000), ("{seconds: 1, nanos: 500}", 1_000_000_500),
+  ])
+  func readsDurationsInEveryForm(_ text: String, _ nanos: Int64) throws {
+    let config = try ConfigLoader.load(yaml: Self.minimal(connectTimeout: text)).configuration
+    #expect(config.clusters[0].connectTimeout.nanoseconds == nanos)
+  }
+
+  @Test func badDurationNamesPathAndLine() {
+    do {
+      _ = try ConfigLoader.load(yaml: Self.minimal(connectTimeout: "5"))
+      Issue.record("expected an error")
+    } catch {
+      #expect(error.path == "static_resources.clusters[0].connect_timeout")
+      #expect(error.line == 27)
+      #expect(error.description.contains("is not a duration"))
+    }
+  }
+
+  @Test func unknownClusterInRouteIsAnError() {
+    let yaml = Self.minimal(connectTimeout: "1s").replacingOccurrences(of: "cluster: backend", with: "cluster: nowhere")
+    #expect(throws: ConfigError.self) { try ConfigLoader.load(yaml: yaml) }
+  }
+
+  @Test func duplicateKeysAreRefusedWithTheLine() {
+    let yaml = Self.minimal(connectTimeout: "1s").replacingOccurrences(of: "    type: STATIC\n", with: "    type: STATIC\n    type: STRICT_DNS\n")
+    do {
+      _ = try ConfigLoader.load(yaml: yaml)
+      Issue.record("expected an error")
+    } catch {
+      #expect(error.message.contains("duplicate key 'type'"))
+    }
+  }
+
+  @Test func filtersAsAMappingIsRefused() {
+    let yaml = """
+      static_resources:
+        listeners:
+        - address:
+            socket_address: { address: 127.0.0.1, port_value: 8080 }
+          filter_chains:
+          - filters:
+              name: envoy.http_connection_manager
+      """
+    do {
+      _ = try ConfigLoader.load(yaml: yaml)
+      Issue.record("expected an error")
+    } catch {
+      #expect(error.path == "static_resources.listeners[0].filter_chains[0].filters")
+      #expect(error.line == 7)
+      #expect(error.message.contains("must be a list"))
+    }
+  }
+
+  @Test func unsupportedFieldsAreWarnedAboutByName() throws {
+    let yaml = Self.minimal(connectTimeout: "1s").replacingOccurrences(of: "    type: STATIC\n", with: "    type: STATIC\n    health_checks: []\n    frobnicate: 1\n")
+    let loaded = try ConfigLoader.load(yaml: yaml)
+    let paths = loaded.warnings.map(\.path)
+    #expect(paths.contains("static_resources.clusters[0].frobnicate"))
+    #expect(loaded.warnings.contains { $0.message.contains("health checks") })
+  }
+
+  @Test func lowerCaseEnumsAndV2Names() throws {
+    let yaml = Self.minimal(connectTimeout: "1s").replacingOccurrences(of: "type: STATIC", with: "type: strict_dns")
+      .replacingOccurrences(of: "codec_type: AUTO", with: "codec_type: http2")
+    let config = try ConfigLoader.load(yaml: yaml).configuration
+    #expect(config.clusters[0].type == .strictDNS)
+    #expect(config.listeners[0].codec == .http2)
+  }
+
+  @Test func embeddedDefaultLoads() throws {
+    let config = try ConfigLoader.load(yaml: EmbeddedDefault.yaml(listenHost: "127.0.0.1", listenPort: 8080, backendPort: 1234)).configuration
+    #expect(config.clusters[0].endpoints == [HostAndPort(host: "127.0.0.1", port: 1234)])
+    #expect(config.listeners[0].routeConfig.virtualHosts[0].routes[0].timeouts.timeout == .zero)
+  }
+
+  static func minimal(connectTimeout: String) -> String {
+    """
+    static_resources:
+      listeners:
+      - name: l
+        address:
+          socket_address: { address: 127.0.0.1, port_value: 8080 }
+        filter_chains:
+        - filters:
+          - name: envoy.http_connection_manager
+            config:
+              codec_type: AUTO
+              stat_prefix: x
+              route_config:
+                virtual_hosts:
+                - name: v
+                  domains: ["*"]
+                  routes:
+                  - match: { prefix: "/" }
+                    route: { cluster: backend }
+              http_filters:
+              - name: envoy.grpc_web
+              - name: envoy.cors
+              - name: envoy.router
+      clusters:
+      - name: backend
+        type: STATIC
+        http2_protocol_options: {}
+        connect_timeout: \(connectTimeout)
+        load_assignment:
+          cluster_name: backend
+          endpoints:
+          - lb_endpoints:
+            - endpoint:
+                address:
+                  socket_address: { address: 127.0.0.1, port_value: 9000 }
+    """
+  }
+}

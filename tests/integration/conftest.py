@@ -1,0 +1,180 @@
+"""Processes for the integration tests: User service replicas and the proxy, on loopback."""
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(os.environ.get("BIN_DIR", ROOT / ".build" / "debug"))
+PROXY_BIN = Path(os.environ.get("PROXY_BIN", BIN / "grpc-web-proxy"))
+USER_SERVICE_BIN = Path(os.environ.get("USER_SERVICE_BIN", BIN / "user-service"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port, proc, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise RuntimeError(f"process exited with {proc.returncode}: {out}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port} after {timeout}s")
+
+
+class Replica:
+    def __init__(self, name, port):
+        self.name, self.port = name, port
+        self.proc = subprocess.Popen(
+            [str(USER_SERVICE_BIN), "--host", "127.0.0.1", "--port", str(port), "--replica", name],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_for_port(port, self.proc)
+
+    def stop(self, kill=False):
+        if self.proc.poll() is None:
+            self.proc.kill() if kill else self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def replicas():
+    rs = [Replica(f"r{i}", free_port()) for i in (1, 2, 3)]
+    yield rs
+    for r in rs:
+        r.stop()
+
+
+class Proxy:
+    def __init__(self, config_text, args=()):
+        self.dir = tempfile.TemporaryDirectory()
+        self.config = Path(self.dir.name) / "envoy.yaml"
+        self.config.write_text(config_text)
+        self.log = open(Path(self.dir.name) / "proxy.log", "w+")
+        self.proc = subprocess.Popen([str(PROXY_BIN), "-c", str(self.config), *args],
+                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
+
+    def output(self):
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.dir.cleanup()
+
+
+def config(port, clusters, routes, cors=True, codec="AUTO"):
+    cors_block = """
+              cors:
+                allow_origin_string_match:
+                - exact: "http://app.example"
+                allow_methods: POST, OPTIONS
+                allow_headers: content-type,x-grpc-web,x-user-agent,grpc-timeout
+                expose_headers: grpc-status,grpc-message,x-replica
+                max_age: "600"
+""" if cors else ""
+    cluster_text = ""
+    for name, endpoints in clusters.items():
+        eps = "".join(f"""
+            - endpoint:
+                address:
+                  socket_address: {{ address: 127.0.0.1, port_value: {p} }}""" for p in endpoints)
+        cluster_text += f"""
+  - name: {name}
+    connect_timeout: 0.5s
+    type: STATIC
+    lb_policy: ROUND_ROBIN
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {{}}
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:{eps}
+"""
+    return f"""
+static_resources:
+  listeners:
+  - name: test
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          codec_type: {codec}
+          stat_prefix: test
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:{routes}{cors_block}
+          http_filters:
+          - name: envoy.filters.http.grpc_web
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_web.v3.GrpcWeb
+          - name: envoy.filters.http.cors
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:{cluster_text}
+"""
+
+
+ROUTES = """
+              - match: { prefix: "/dead/" }
+                route: { cluster: dead, prefix_rewrite: "/" }
+              - match: { prefix: "/routetimeout/" }
+                route: { cluster: users, prefix_rewrite: "/", timeout: 0.5s }
+              - match: { prefix: "/legacy/" }
+                route: { cluster: users, prefix_rewrite: "/", max_grpc_timeout: 0s }
+              - match: { prefix: "/demo." }
+                route:
+                  cluster: users
+                  timeout: 0s
+                  max_stream_duration: { grpc_timeout_header_max: 0s }
+              - match: { prefix: "/grpc.reflection." }
+                direct_response: { status: 403, body: { inline_string: "reflection is off" } }"""
+
+
+def start_proxy(text, port, args=()):
+    p = Proxy(text, args)
+    try:
+        wait_for_port(port, p.proc)
+    except Exception:
+        out = p.output()
+        p.stop()
+        raise RuntimeError(f"proxy did not start: {out}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def proxy(replicas):
+    port = free_port()
+    p = start_proxy(config(port, {"users": [r.port for r in replicas], "dead": [free_port()]}, ROUTES), port)
+    p.port = port
+    yield p
+    p.stop()

@@ -1,0 +1,404 @@
+"""End-to-end: browsers' gRPC-Web through the proxy to real User service replicas."""
+
+import base64
+import collections
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import PROXY_BIN, ROUTES, Replica, config, free_port, start_proxy, wait_for_port
+from grpcweb import HTTP1, HTTP2, Reply, echo_req, frame, login_req, pb_decode
+
+TRANSPORTS = ["http1", "http2"]
+MODES = ["binary", "text"]
+
+
+def client(kind, port):
+    return HTTP1(port) if kind == "http1" else HTTP2(port)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("mode", MODES)
+def test_login_succeeds_and_names_the_replica(proxy, transport, mode):
+    c = client(transport, proxy.port)
+    try:
+        r = c.call("/demo.User/login", login_req("demo", "demo123"), text=(mode == "text"))
+    finally:
+        c.close()
+    assert r.status == 200, r
+    assert r.headers["content-type"] == ("application/grpc-web-text+proto" if mode == "text" else "application/grpc-web+proto")
+    assert len(r.messages) == 1
+    reply = pb_decode(r.messages[0])
+    assert reply[1] == b"0" and reply[2] == b"welcome, demo"
+    assert reply[3] in (b"r1", b"r2", b"r3")
+    assert r.headers["x-replica"] == reply[3].decode()
+    assert r.trailers == {"grpc-status": "0"} or r.trailers.get("grpc-status") == "0"
+    assert r.leftover == b""
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("mode", MODES)
+def test_wrong_password_is_a_real_grpc_error(proxy, transport, mode):
+    c = client(transport, proxy.port)
+    try:
+        r = c.call("/demo.User/login", login_req("demo", "nope"), text=(mode == "text"))
+    finally:
+        c.close()
+    assert r.status == 200
+    assert r.grpc_status == 16, r
+    assert r.grpc_message == "wrong username or password"
+    assert r.messages == []
+
+
+def test_logout(proxy):
+    c = HTTP1(proxy.port)
+    r = c.call("/demo.User/logout", login_req("demo", ""))
+    c.close()
+    assert r.grpc_status == 0
+    assert pb_decode(r.messages[0])[2] == b"goodbye, demo"
+
+
+def test_300_calls_on_one_http2_connection_reach_every_replica(proxy, replicas):
+    c = HTTP2(proxy.port)
+    seen = collections.Counter()
+    try:
+        for _ in range(300):
+            r = c.call("/demo.User/login", login_req("demo", "demo123"))
+            assert r.grpc_status == 0
+            seen[pb_decode(r.messages[0])[3].decode()] += 1
+    finally:
+        c.close()
+    assert set(seen) == {"r1", "r2", "r3"}, seen
+    for name, count in seen.items():
+        assert 85 <= count <= 115, seen
+
+
+def test_calls_on_one_http1_connection_are_balanced_per_call(proxy):
+    c = HTTP1(proxy.port)
+    seen = collections.Counter()
+    for _ in range(30):
+        r = c.call("/demo.User/login", login_req("demo", "demo123"), text=True)
+        seen[pb_decode(r.messages[0])[3].decode()] += 1
+    c.close()
+    assert sorted(seen.values()) == [10, 10, 10], seen
+
+
+def test_concurrent_streams_on_one_http2_connection(proxy):
+    c = HTTP2(proxy.port)
+    try:
+        sids = [c.start("/demo.Echo/Unary", {"content-type": "application/grpc-web+proto"}, frame(echo_req(f"m{i}", delay_ms=200)))
+                for i in range(50)]
+        started = time.monotonic()
+        c.pump(lambda: all(c.streams[s]["ended"] for s in sids))
+        elapsed = time.monotonic() - started
+    finally:
+        c.close()
+    # 50 calls of 200 ms each, concurrently: far less than 50 × 200 ms.
+    assert elapsed < 3, elapsed
+    for i, sid in enumerate(sids):
+        r = Reply(200, c.streams[sid]["headers"], c.streams[sid]["data"], text=False)
+        assert pb_decode(r.messages[0])[1] == f"m{i}".encode()
+        assert r.grpc_status == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_server_stream_is_forwarded_as_it_arrives_over_http1(proxy, mode):
+    c = HTTP1(proxy.port)
+    start = time.monotonic()
+    status, headers, chunks = c.stream("/demo.Echo/ServerStream", echo_req("tick", count=4, delay_ms=300), text=(mode == "text"))
+    c.close()
+    assert status == 200
+    assert headers.get("transfer-encoding") == "chunked"
+    first_at = chunks[0][0] - start
+    last_at = chunks[-1][0] - start
+    assert first_at < 0.9, f"first message after {first_at:.2f}s: buffered"
+    assert last_at >= 1.1
+    r = Reply(200, headers, b"".join(d for _, d in chunks), text=(mode == "text"))
+    assert [pb_decode(m)[3] if 3 in pb_decode(m) else 0 for m in r.messages] == [0, 1, 2, 3]
+    assert r.grpc_status == 0
+
+
+def test_server_stream_over_http2_ends_without_trailers_frame(proxy):
+    c = HTTP2(proxy.port)
+    try:
+        start = time.monotonic()
+        sid = c.start("/demo.Echo/ServerStream", {"content-type": "application/grpc-web+proto"}, frame(echo_req("s", count=3, delay_ms=300)))
+        s = c.finish(sid)
+    finally:
+        c.close()
+    assert s["times"][0][0] - start < 0.8
+    assert s["trailers"] is None, "no HTTP/2 trailers go to a gRPC-Web client"
+    assert s["reset"] is None
+    r = Reply(200, s["headers"], s["data"], text=False)
+    assert len(r.messages) == 3 and r.grpc_status == 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_metadata_round_trips_including_bin(proxy, transport):
+    c = client(transport, proxy.port)
+    raw = bytes(range(0, 256, 7))
+    b64 = base64.b64encode(raw).decode()
+    try:
+        r = c.call("/demo.Echo/Unary", echo_req("m"), headers={"x-echo-name": "value", "x-echo-data-bin": b64, "x-trailer-t": "tv"})
+    finally:
+        c.close()
+    assert r.grpc_status == 0
+    assert r.headers["x-echo-name"] == "value"
+    assert base64.b64decode(r.headers["x-echo-data-bin"] + "==") == raw
+    assert r.trailers["x-trailer-t"] == "tv"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_error_with_trailing_metadata_after_messages(proxy, transport):
+    c = client(transport, proxy.port)
+    try:
+        r = c.call("/demo.Echo/ServerStream", echo_req("x", count=2, fail_code=9, fail_message="100% broken: é"), text=True)
+    finally:
+        c.close()
+    assert len(r.messages) == 2
+    assert r.grpc_status == 9
+    assert r.grpc_message == "100%25 broken: %C3%A9"
+
+
+def test_deadline_before_response_is_504_unavailable(proxy):
+    c = HTTP1(proxy.port)
+    start = time.monotonic()
+    r = c.call("/demo.Echo/Unary", echo_req("slow", delay_ms=3000), headers={"grpc-timeout": "300m"})
+    c.close()
+    assert time.monotonic() - start < 2
+    assert r.status == 504
+    assert r.grpc_status == 14
+
+
+def test_deadline_after_stream_started_ends_with_deadline_exceeded(proxy):
+    c = HTTP2(proxy.port)
+    try:
+        start = time.monotonic()
+        sid = c.start("/demo.Echo/ServerStream", {"content-type": "application/grpc-web+proto", "grpc-timeout": "700m"},
+                      frame(echo_req("s", count=10, delay_ms=250)))
+        s = c.finish(sid)
+    finally:
+        c.close()
+    assert time.monotonic() - start < 2
+    assert s["reset"] is None
+    r = Reply(200, s["headers"], s["data"], text=False)
+    assert 1 <= len(r.messages) < 10
+    assert r.grpc_status == 4, r
+
+
+def test_route_timeout_applies_and_legacy_max_grpc_timeout_rewrites_header(proxy):
+    c = HTTP1(proxy.port)
+    r = c.call("/routetimeout/demo.Echo/Unary", echo_req("slow", delay_ms=2000))
+    assert r.status == 504 and r.grpc_status == 14 and r.grpc_message == "upstream request timeout"
+    r = c.call("/legacy/demo.Echo/Unary", echo_req("slow", delay_ms=2000), headers={"grpc-timeout": "1S"})
+    assert r.status == 504
+    r = c.call("/legacy/demo.Echo/Unary", echo_req("quick", delay_ms=50), headers={"grpc-timeout": "1S"})
+    assert r.grpc_status == 0
+    c.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_dead_backend_is_unavailable_with_a_reason(proxy, transport):
+    c = client(transport, proxy.port)
+    try:
+        r = c.call("/dead/demo.User/login", login_req("demo", "demo123"), headers={"origin": "http://app.example"})
+    finally:
+        c.close()
+    assert r.status == 503
+    assert r.grpc_status == 14
+    assert r.grpc_message.startswith("upstream connect error or disconnect/reset before headers. reset reason: connection failure")
+    assert r.headers["access-control-allow-origin"] == "http://app.example"
+    assert "grpc-status" in r.headers["access-control-expose-headers"]
+
+
+def test_no_route_is_404_and_direct_response(proxy):
+    c = HTTP1(proxy.port)
+    r = c.call("/nowhere.Service/Method", b"")
+    assert r.status == 404 and r.grpc_status is None
+    status, headers, body = c.request("GET", "/grpc.reflection.v1/x")
+    assert status == 403 and body == b"reflection is off"
+    c.close()
+
+
+def test_bad_base64_is_400_and_the_connection_keeps_serving(proxy):
+    c = HTTP1(proxy.port)
+    r = c.call("/demo.User/login", b"", text=True, raw_body=b"AAAA*AAA")
+    assert r.status == 400 and r.grpc_status == 13
+    assert r.grpc_message == "Bad gRPC-web request, invalid base64 data."
+    r = c.call("/demo.User/login", b"", text=True, raw_body=b"AAAAA")
+    assert r.status == 400 and r.grpc_status == 13
+    r = c.call("/demo.User/login", login_req("demo", "demo123"), text=True)
+    assert r.grpc_status == 0
+    c.close()
+
+
+def test_padded_segments_and_byte_by_byte_text_request_over_http2(proxy):
+    payload = frame(login_req("demo", "demo123"))
+    # Two separately padded segments: the frame header, then the message.
+    body = base64.b64encode(payload[:5]) + base64.b64encode(payload[5:])
+    c = HTTP2(proxy.port)
+    try:
+        sid = c.start("/demo.User/login", {"content-type": "application/grpc-web-text"}, end=False)
+        for i in range(len(body)):
+            c.send(sid, body[i:i + 1])
+        c.send(sid, b"", end=True)
+        s = c.finish(sid)
+    finally:
+        c.close()
+    r = Reply(200, s["headers"], s["data"], text=False)
+    assert r.grpc_status == 0 and pb_decode(r.messages[0])[2] == b"welcome, demo"
+
+
+def test_truncated_binary_frame_gets_a_clear_error(proxy):
+    c = HTTP1(proxy.port)
+    r = c.call("/demo.User/login", b"", raw_body=frame(login_req("demo", "demo123"))[:-3])
+    c.close()
+    assert r.grpc_status not in (None, 0)
+
+
+def test_cors_preflight_is_answered_locally(proxy):
+    c = HTTP1(proxy.port)
+    status, headers, body = c.request("OPTIONS", "/demo.User/login", headers={
+        "origin": "http://app.example", "access-control-request-method": "POST",
+        "access-control-request-headers": "content-type,x-grpc-web"})
+    assert status == 200 and body == b""
+    assert headers["access-control-allow-origin"] == "http://app.example"
+    assert headers["access-control-allow-methods"] == "POST, OPTIONS"
+    assert "x-grpc-web" in headers["access-control-allow-headers"]
+    assert headers["access-control-max-age"] == "600"
+    r = c.call("/demo.User/login", login_req("demo", "demo123"), headers={"origin": "http://app.example"})
+    assert r.headers["access-control-allow-origin"] == "http://app.example"
+    assert r.headers["access-control-expose-headers"] == "grpc-status,grpc-message,x-replica"
+    r = c.call("/demo.User/login", login_req("demo", "demo123"), headers={"origin": "http://other.example"})
+    assert "access-control-allow-origin" not in r.headers
+    c.close()
+
+
+# --- native gRPC through the same listener ----------------------------------------------------------
+
+
+def native(c, path, messages, end=True):
+    sid = c.start(path, {"content-type": "application/grpc", "te": "trailers"}, b"".join(frame(m) for m in messages), end=end)
+    return sid
+
+
+def test_native_grpc_unary_and_trailers_only(proxy):
+    c = HTTP2(proxy.port)
+    try:
+        s = c.finish(native(c, "/demo.User/login", [login_req("demo", "demo123")]))
+        assert s["headers"]["content-type"] == "application/grpc"
+        assert s["trailers"]["grpc-status"] == "0"
+        s = c.finish(native(c, "/demo.User/login", [login_req("demo", "bad")]))
+        # Trailers-only: the status is in the one HEADERS frame, and no DATA follows.
+        assert s["headers"]["grpc-status"] == "16" and s["trailers"] is None and s["data"] == b""
+    finally:
+        c.close()
+
+
+def test_native_grpc_client_and_bidi_streaming(proxy):
+    c = HTTP2(proxy.port)
+    try:
+        sid = native(c, "/demo.Echo/ClientStream", [echo_req("a")], end=False)
+        c.send(sid, frame(echo_req("b")))
+        c.send(sid, frame(echo_req("c")), end=True)
+        s = c.finish(sid)
+        r = Reply(200, {}, s["data"], text=False)
+        assert pb_decode(r.messages[0])[1] == b"a,b,c" and s["trailers"]["grpc-status"] == "0"
+
+        sid = native(c, "/demo.Echo/BidiStream", [echo_req("x")], end=False)
+        c.pump(lambda: len(c.streams[sid]["data"]) > 5)
+        c.send(sid, frame(echo_req("y")), end=True)
+        s = c.finish(sid)
+        r = Reply(200, {}, s["data"], text=False)
+        assert [pb_decode(m)[1] for m in r.messages] == [b"x", b"y"]
+    finally:
+        c.close()
+
+
+def test_native_grpc_to_dead_backend_is_trailers_only_unavailable(proxy):
+    c = HTTP2(proxy.port)
+    try:
+        s = c.finish(native(c, "/dead/demo.User/login", [login_req("demo", "demo123")]))
+    finally:
+        c.close()
+    assert s["headers"][":status"] == "200"
+    assert s["headers"]["grpc-status"] == "14"
+
+
+# --- failures of the backend itself ---------------------------------------------------------------
+
+
+def test_backend_killed_mid_stream_ends_the_call_with_unavailable():
+    replica = Replica("doomed", free_port())
+    port = free_port()
+    p = start_proxy(config(port, {"users": [replica.port], "dead": [free_port()]}, ROUTES), port)
+    try:
+        c = HTTP2(port)
+        sid = c.start("/demo.Echo/ServerStream", {"content-type": "application/grpc-web+proto"}, frame(echo_req("s", count=100, delay_ms=100)))
+        c.pump(lambda: len(c.streams[sid]["data"]) > 0)
+        replica.stop(kill=True)
+        start = time.monotonic()
+        s = c.finish(sid)
+        assert time.monotonic() - start < 2
+        r = Reply(200, s["headers"], s["data"], text=False)
+        assert r.grpc_status == 14, r
+        # And the next call fails fast, not after a hang.
+        r = c.call("/demo.User/login", login_req("demo", "demo123"))
+        assert r.grpc_status == 14 and r.status == 503
+        c.close()
+    finally:
+        p.stop()
+        replica.stop()
+
+
+def test_backend_started_after_the_proxy_is_picked_up():
+    backend_port = free_port()
+    port = free_port()
+    p = start_proxy(config(port, {"users": [backend_port], "dead": [free_port()]}, ROUTES), port)
+    try:
+        c = HTTP1(port)
+        assert c.call("/demo.User/login", login_req("demo", "demo123")).grpc_status == 14
+        replica = Replica("late", backend_port)
+        try:
+            assert c.call("/demo.User/login", login_req("demo", "demo123")).grpc_status == 0
+        finally:
+            replica.stop()
+        c.close()
+    finally:
+        p.stop()
+
+
+# --- the command line -------------------------------------------------------------------------------
+
+
+def test_validate_mode(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(config(8080, {"users": [50051], "dead": [1]}, ROUTES))
+    out = subprocess.run([str(PROXY_BIN), "--mode", "validate", "-c", str(good)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(config(8080, {"users": [50051], "dead": [1]}, ROUTES).replace("connect_timeout: 0.5s", "connect_timeout: 500ms", 1))
+    out = subprocess.run([str(PROXY_BIN), "--mode", "validate", "-c", str(bad)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert "bad.yaml:" in out.stderr and "static_resources.clusters[0].connect_timeout" in out.stderr
+    assert "'500ms' is not a duration" in out.stderr
+
+
+def test_embedded_default_serves_the_user_service():
+    port = free_port()
+    proc = subprocess.Popen([str(PROXY_BIN), "--listen", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_port(port, proc)
+        c = HTTP1(port)
+        r = c.call("/demo.User/login", login_req("admin", "123456"), text=True, headers={"origin": "http://localhost:3000"})
+        c.close()
+        assert r.grpc_status == 0
+        assert pb_decode(r.messages[0])[3] == b"embedded"
+        assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    assert "curl" in out and f"127.0.0.1:{port}" in out
+    assert proc.returncode == 0, out
