@@ -83,9 +83,13 @@ struct GRPCWebProxyCommand: AsyncParsableCommand {
     let (portStream, portContinuation) = AsyncStream<Int>.makeStream()
     try await withThrowingDiscardingTaskGroup { group in
       group.addTask {
-        try await BackendServer.run(host: "127.0.0.1", port: 0, replica: "embedded") { port in
-          portContinuation.yield(port)
-          portContinuation.finish()
+        do {
+          try await BackendServer.run(host: "127.0.0.1", port: 0, replica: "embedded") { port in
+            portContinuation.yield(port)
+            portContinuation.finish()
+          }
+        } catch where Task.isCancelled {
+          // Stopped because the proxy stopped: not an error.
         }
       }
       var iterator = portStream.makeAsyncIterator()

@@ -54,9 +54,9 @@ import Testing
     #expect(throws: Base64DecodeError.badSize) { try self.decode("YQ", chunks: [1]) }
   }
 
-  @Test(arguments: ["****", "YQ=\n", "YW J", "-_AA", "Y===", "=AAA", "A=AA", "QR==", "QUI="])
+  @Test(arguments: ["****", "YQ=\n", "YW J", "-_AA", "Y===", "=AAA", "A=AA", "QR==", "QUJ="])
   func rejectsInvalidInput(_ text: String) {
-    // Non-alphabet characters, misplaced padding, non-canonical trailing bits ("QR==", "QUI=").
+    // Non-alphabet characters, misplaced padding, non-canonical trailing bits ("QR==", "QUJ=").
     #expect(throws: Base64DecodeError.invalidCharacter) { try self.decode(text, chunks: [100]) }
   }
 
