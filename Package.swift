@@ -12,6 +12,7 @@ let package = Package(
   products: [
     .executable(name: "grpc-web-proxy", targets: ["grpc-web-proxy"]),
     .executable(name: "user-service", targets: ["user-service"]),
+    .executable(name: "bench-backend", targets: ["bench-backend"]),
   ],
   dependencies: [
     .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -89,6 +90,17 @@ let package = Package(
       dependencies: [
         "UserService",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
+      ],
+      swiftSettings: defaultSwiftSettings
+    ),
+    // A fixed-reply gRPC backend for scripts/bench.
+    .executableTarget(
+      name: "bench-backend",
+      dependencies: [
+        .product(name: "NIOCore", package: "swift-nio"),
+        .product(name: "NIOPosix", package: "swift-nio"),
+        .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+        .product(name: "NIOHPACK", package: "swift-nio-http2"),
       ],
       swiftSettings: defaultSwiftSettings
     ),

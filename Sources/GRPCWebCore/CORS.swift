@@ -42,6 +42,10 @@ public enum CORS {
         out.add(name: "access-control-allow-headers", value: allowHeaders == "*" ? requested : allowHeaders)
       }
       if let maxAge = policy.maxAge, !maxAge.isEmpty { out.add(name: "access-control-max-age", value: maxAge) }
+      if allowed, let expose = policy.exposeHeaders, !expose.isEmpty {
+        // Envoy's cors filter also encodes its own preflight reply, which adds these.
+        out.add(name: "access-control-expose-headers", value: expose)
+      }
       if policy.allowPrivateNetworkAccess == true,
         headers.first(name: "access-control-request-private-network") == "true"
       {

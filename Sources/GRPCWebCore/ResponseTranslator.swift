@@ -171,7 +171,8 @@ public struct ResponseTranslator: Sendable {
     downstream.replaceOrAdd(name: "content-type", value: self.kind.responseContentType!)
     if endStream {
       // Trailers-only, or headers-only: grpc-status (if any) stays in the headers (E18, E20).
-      downstream.replaceOrAdd(name: "content-length", value: "0")
+      // No body follows; HTTP/1.1 writers say so with content-length: 0.
+      downstream.remove(name: "content-length")
       self.state = .finished
       return Output(head: ResponseHead(status: status, headers: downstream), end: .clean(trailers: nil))
     }
@@ -202,6 +203,9 @@ public struct ResponseTranslator: Sendable {
       var out: ByteBuffer?
       do {
         while let frame = try frames.next() {
+          // Envoy's frame decoder drops frames with unknown flag bits; later frames still pass.
+          let flag = frame.getInteger(at: frame.readerIndex, as: UInt8.self) ?? 0
+          if flag & 0x7E != 0 { continue }
           if out == nil { out = self.allocator.buffer(capacity: (frame.readableBytes + 2) / 3 * 4) }
           Base64.encode(frame, into: &out!)
         }
@@ -311,16 +315,16 @@ public struct ResponseTranslator: Sendable {
     case .grpcWeb:
       headers.add(name: "content-type", value: self.kind.responseContentType!)
       if let grpcStatus {
+        // The reply went through the grpc_web filter's transformation, which sets the length.
         headers.add(name: "grpc-status", value: String(grpcStatus))
         if let message, !message.isEmpty { headers.add(name: "grpc-message", value: GRPCProtocol.percentEncode(message)) }
+        headers.add(name: "content-length", value: "0")
       }
-      headers.add(name: "content-length", value: "0")
       return Output(head: ResponseHead(status: httpStatus, headers: headers), end: .clean(trailers: nil))
     case .grpc:
       headers.add(name: "content-type", value: "application/grpc")
       headers.add(name: "grpc-status", value: String(grpcStatus ?? GRPCProtocol.status(forHTTPStatus: httpStatus)))
       if let message, !message.isEmpty { headers.add(name: "grpc-message", value: GRPCProtocol.percentEncode(message)) }
-      headers.add(name: "content-length", value: "0")
       return Output(head: ResponseHead(status: 200, headers: headers), end: .clean(trailers: nil))
     case .other:
       let text = message ?? ""

@@ -530,7 +530,7 @@ private struct Reader {
       try lam.finish(known: [], warnings: self.sink)
     }
     if endpoints.isEmpty {
-      throw ConfigError(path: m.child("load_assignment"), line: node.line, message: "cluster '\(name)' has no endpoints (load_assignment or hosts)")
+      self.sink.add(node, "cluster '\(name)' has no endpoints: its calls get 503 'no healthy upstream'")
     }
     for key in ["transport_socket", "tls_context"] {
       m.unsupported(key, "TLS to upstreams is not supported yet: cluster '\(name)' is reached in plaintext", into: self.sink)

@@ -58,6 +58,7 @@ import Testing
     #expect(out.first(name: "access-control-allow-origin") == "http://allowed.example")
     #expect(out.first(name: "access-control-allow-methods") == "POST, OPTIONS")
     #expect(out.first(name: "access-control-max-age") == "600")
+    #expect(out.first(name: "access-control-expose-headers") == "grpc-status,grpc-message")
   }
 
   @Test func preflightFromAnotherOriginIsForwardedByDefault() {

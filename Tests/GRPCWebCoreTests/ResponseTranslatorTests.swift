@@ -161,6 +161,21 @@ import Testing
     #expect(t.receiveData(self.message("late"), endStream: false).body == nil)
   }
 
+  @Test func textModeDropsFramesWithUnknownFlagsAsEnvoyDoes() {
+    var t = ResponseTranslator(kind: .grpcWeb(requestText: false, responseText: true))
+    _ = t.receiveHead(self.okHead, endStream: false)
+    var data = ByteBuffer()
+    data.writeBytes([0x02, 0, 0, 0, 1, 0x41])
+    GRPCFrame.encode(ByteBuffer(string: "x"), into: &data)
+    #expect(t.receiveData(data, endStream: false).body.map { String(buffer: $0) } == "AAAAAAF4")
+  }
+
+  @Test func headersOnlyResponseCarriesNoContentLength() throws {
+    var t = ResponseTranslator(kind: .grpcWeb(requestText: false, responseText: false))
+    let out = t.receiveHead([":status": "200", "content-type": "application/grpc", "grpc-status": "5", "content-length": "0"], endStream: true)
+    #expect(try #require(out.head).headers.first(name: "content-length") == nil)
+  }
+
   @Test func textResponseEndingInsideAFrameIsReported() throws {
     var t = ResponseTranslator(kind: .grpcWeb(requestText: false, responseText: true))
     _ = t.receiveHead(self.okHead, endStream: false)

@@ -78,6 +78,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream {
     headers.reserveCapacity(head.headers.count + 1)
     for (name, value, _) in head.headers { headers.add(name: name, value: value) }
     if !self.keepAlive { headers.replaceOrAdd(name: "connection", value: "close") }
+    if endStream && !headers.contains(name: "content-length") { headers.add(name: "content-length", value: "0") }
     let responseHead = HTTPResponseHead(version: .http1_1, status: .init(statusCode: head.status), headers: headers)
     context.write(self.wrapOutboundOut(.head(responseHead)), promise: nil)
     if endStream { self.end(context: context, trailers: nil) }
@@ -91,11 +92,8 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream {
 
   func writeEnd(trailers: HPACKHeaders?) {
     guard let context = self.context else { return }
-    var http: HTTPHeaders?
-    if let trailers, !trailers.isEmpty {
-      http = HTTPHeaders(trailers.map { ($0.name, $0.value) })
-    }
-    self.end(context: context, trailers: http)
+    // HTTP/1.1 clients (browsers above all) do not read trailers; Envoy drops them here too.
+    self.end(context: context, trailers: nil)
   }
 
   private func end(context: ChannelHandlerContext, trailers: HTTPHeaders?) {

@@ -69,6 +69,11 @@ final class ProxyCall {
   private var deadline: DeadlinePlan?
   private var deadlineTask: Scheduled<Void>?
   private var upstreamReadPaused = false
+  /// The upstream sent END_STREAM. With the request also ended, the stream is closed and must
+  /// not be reset: servers count resets of finished streams as an attack (rapid reset) and drop
+  /// the connection.
+  private var upstreamEnded = false
+  private var requestSentEnd = false
 
   init(runtime: ListenerRuntime, eventLoop: any EventLoop, allocator: ByteBufferAllocator, downstream: any DownstreamStream) {
     self.runtime = runtime
@@ -106,8 +111,7 @@ final class ProxyCall {
       switch CORS.evaluate(policy: entry.cors, method: method, headers: headers) {
       case .none:
         break
-      case .preflight(var cors):
-        cors.add(name: "content-length", value: "0")
+      case .preflight(let cors):
         self.request = endStream ? .complete : .rejected
         self.finishLocally(ResponseTranslator.Output(head: ResponseHead(status: 200, headers: cors), end: .clean(trailers: nil)))
         return
@@ -228,6 +232,7 @@ final class ProxyCall {
       channel.flush()
     case .failure(let error):
       self.upstream = .closed
+      self.runtime.logger.debug("no upstream stream", metadata: ["reason": "\(error.reason)"])
       if error.noHealthyUpstream {
         let out = self.translator.localReply(httpStatus: 503, grpcStatus: 14, message: "no healthy upstream")
         self.apply(out)
@@ -238,6 +243,7 @@ final class ProxyCall {
   }
 
   func upstreamHeaders(_ headers: HPACKHeaders, endStream: Bool) {
+    if endStream { self.upstreamEnded = true }
     if !self.translator.headSent, !self.translator.isFinished, headers.first(name: ":status").map({ $0.hasPrefix("1") }) ?? false {
       return  // 1xx informational
     }
@@ -254,6 +260,7 @@ final class ProxyCall {
   private var sawUpstreamHead = false
 
   func upstreamData(_ data: ByteBuffer, endStream: Bool) {
+    if endStream { self.upstreamEnded = true }
     self.apply(self.translator.receiveData(data, endStream: endStream))
     if let downstream = self.downstream, !downstream.isWritable, case .open(let channel) = self.upstream {
       self.upstreamReadPaused = true
@@ -266,6 +273,7 @@ final class ProxyCall {
   func upstreamClosed(reason: String) {
     if case .open = self.upstream { self.upstream = .closed }
     guard !self.translator.isFinished else { return }
+    self.runtime.logger.debug("upstream stream ended early", metadata: ["reason": "\(reason)", "headSent": "\(self.translator.headSent)"])
     self.apply(self.translator.fail(.upstreamReset(reason: reason)))
   }
 
@@ -276,6 +284,11 @@ final class ProxyCall {
   // MARK: - Helpers
 
   private func sendUpstream(_ frame: HTTP2Frame.FramePayload) {
+    switch frame {
+    case .headers(let h) where h.endStream: self.requestSentEnd = true
+    case .data(let d) where d.endStream: self.requestSentEnd = true
+    default: break
+    }
     switch self.upstream {
     case .opening(var pending):
       self.upstream = .none
@@ -368,9 +381,8 @@ final class ProxyCall {
     switch self.upstream {
     case .open(let channel):
       self.upstream = .closed
-      // Closing an open HTTP/2 stream channel sends RST_STREAM(CANCEL); a stream that already
-      // ended is simply released.
-      channel.close(promise: nil)
+      // Closing a stream channel sends RST_STREAM(CANCEL): only for a stream still open.
+      if !(self.upstreamEnded && self.requestSentEnd) { channel.close(promise: nil) }
     case .opening:
       self.upstream = .closed
     case .none, .closed:

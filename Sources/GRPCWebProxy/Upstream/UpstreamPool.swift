@@ -84,7 +84,6 @@ final class LoopUpstreams {
         if state?.connections[endpoint] === closed { state?.connections[endpoint] = nil }
       }
       state.connections[endpoint] = connection
-      connection.connect()
     }
     connection.openStream(initializer: initializer, completion: completion)
   }
@@ -135,9 +134,8 @@ final class UpstreamConnection {
     self.onClose = onClose
   }
 
-  func connect() {
-    guard case .idle = self.state else { return }
-    self.state = .connecting([])
+  /// Dials the endpoint; called once, on the first call, with the state already `connecting`.
+  private func startConnecting() {
     let address: SocketAddress
     do {
       address = try SocketAddress(ipAddress: self.endpoint.host, port: self.endpoint.port)
@@ -223,7 +221,7 @@ final class UpstreamConnection {
     switch self.state {
     case .idle:
       self.state = .connecting([(initializer, completion)])
-      self.connect()
+      self.startConnecting()
     case .connecting(var waiters):
       self.state = .closed  // avoid a copy of the array while appending
       waiters.append((initializer, completion))

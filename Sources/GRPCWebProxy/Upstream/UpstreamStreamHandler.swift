@@ -36,7 +36,7 @@ final class UpstreamStreamHandler: ChannelInboundHandler {
   }
 
   func errorCaught(context: ChannelHandlerContext, error: any Error) {
-    if self.resetReason == nil { self.resetReason = "connection termination" }
+    if self.resetReason == nil { self.resetReason = "connection termination (\(error))" }
     context.close(promise: nil)
   }
 
