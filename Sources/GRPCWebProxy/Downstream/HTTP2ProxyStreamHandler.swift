@@ -11,6 +11,7 @@ final class HTTP2ProxyStreamHandler: ChannelInboundHandler, DownstreamStream {
 
   private let runtime: ListenerRuntime
   private var call: ProxyCall?
+  private var flushScheduled = false
   private var context: ChannelHandlerContext?
 
   init(runtime: ListenerRuntime) {
@@ -93,15 +94,16 @@ final class HTTP2ProxyStreamHandler: ChannelInboundHandler, DownstreamStream {
     self.context?.close(promise: nil)
   }
 
+  /// One flush per event-loop tick: a response's head, messages and end, written as separate
+  /// upstream frames arrive in one read, go out in one write.
   func flush() {
-    self.context?.flush()
+    guard !self.flushScheduled, let context = self.context else { return }
+    self.flushScheduled = true
+    context.eventLoop.assumeIsolated().execute {
+      self.flushScheduled = false
+      self.context?.flush()
+    }
   }
 
   var isWritable: Bool { self.context?.channel.isWritable ?? false }
-
-  func setReadingPaused(_ paused: Bool) {
-    guard let context = self.context else { return }
-    try? context.channel.syncOptions?.setOption(ChannelOptions.autoRead, value: !paused)
-    if !paused { context.read() }
-  }
 }

@@ -15,8 +15,6 @@ protocol DownstreamStream: AnyObject {
   func abort()
   func flush()
   var isWritable: Bool { get }
-  /// Stops or resumes reading the request body (backpressure from the upstream).
-  func setReadingPaused(_ paused: Bool)
 }
 
 /// What a call needs from its listener, shared by the listener's connections on one event loop.
@@ -43,7 +41,7 @@ final class ListenerRuntime {
 /// Upstream side: `none → opening(buffered parts) → open(stream) → closed`.
 /// Response side: the `ResponseTranslator` state machine.
 /// Everything runs on the downstream channel's event loop, which is also the upstream stream's.
-final class ProxyCall {
+final class ProxyCall: UpstreamStreamDelegate {
   private enum RequestState {
     case awaitingHead
     case forwarding(decoder: Base64StreamDecoder?)
@@ -54,7 +52,7 @@ final class ProxyCall {
   private enum UpstreamState {
     case none
     case opening(pending: [HTTP2Frame.FramePayload])
-    case open(any Channel)
+    case open(UpstreamStream)
     case closed
   }
 
@@ -145,10 +143,7 @@ final class ProxyCall {
     if endStream, plan.start == .requestEnd { self.startDeadline() }
     self.upstream = .opening(pending: [.headers(.init(headers: upstreamHeaders, endStream: endStream))])
 
-    let bound = NIOLoopBound(self, eventLoop: self.eventLoop)
-    self.runtime.upstreams.openStream(cluster: clusterName) { channel in
-      try channel.pipeline.syncOperations.addHandler(UpstreamStreamHandler(call: bound.value))
-    } completion: { result in
+    self.runtime.upstreams.openStream(cluster: clusterName, for: self) { result in
       self.upstreamOpened(result)
     }
   }
@@ -209,27 +204,25 @@ final class ProxyCall {
   }
 
   func downstreamWritabilityChanged(_ writable: Bool) {
-    guard case .open(let channel) = self.upstream else { return }
+    guard case .open(let stream) = self.upstream else { return }
     if writable && self.upstreamReadPaused {
       self.upstreamReadPaused = false
-      try? channel.syncOptions?.setOption(ChannelOptions.autoRead, value: true)
-      channel.read()
+      stream.setPaused(false)
     }
   }
 
   // MARK: - Upstream events
 
-  private func upstreamOpened(_ result: Result<any Channel, UpstreamUnavailable>) {
+  private func upstreamOpened(_ result: Result<UpstreamStream, UpstreamUnavailable>) {
     guard case .opening(let pending) = self.upstream else {
-      // The call ended while the stream was being opened.
-      if case .success(let channel) = result { channel.close(promise: nil) }
+      // The call ended while its connection was being made; the stream was never started.
+      if case .success(let stream) = result { stream.release() }
       return
     }
     switch result {
-    case .success(let channel):
-      self.upstream = .open(channel)
-      for frame in pending { channel.write(frame, promise: nil) }
-      channel.flush()
+    case .success(let stream):
+      self.upstream = .open(stream)
+      for frame in pending { stream.write(frame) }
     case .failure(let error):
       self.upstream = .closed
       self.runtime.logger.debug("no upstream stream", metadata: ["reason": "\(error.reason)"])
@@ -262,9 +255,10 @@ final class ProxyCall {
   func upstreamData(_ data: ByteBuffer, endStream: Bool) {
     if endStream { self.upstreamEnded = true }
     self.apply(self.translator.receiveData(data, endStream: endStream))
-    if let downstream = self.downstream, !downstream.isWritable, case .open(let channel) = self.upstream {
+    if let downstream = self.downstream, !downstream.isWritable, case .open(let stream) = self.upstream {
+      // The client is not keeping up: stop giving the backend window for this stream.
       self.upstreamReadPaused = true
-      try? channel.syncOptions?.setOption(ChannelOptions.autoRead, value: false)
+      stream.setPaused(true)
     }
   }
 
@@ -275,10 +269,6 @@ final class ProxyCall {
     guard !self.translator.isFinished else { return }
     self.runtime.logger.debug("upstream stream ended early", metadata: ["reason": "\(reason)", "headSent": "\(self.translator.headSent)"])
     self.apply(self.translator.fail(.upstreamReset(reason: reason)))
-  }
-
-  func upstreamWritabilityChanged(_ writable: Bool) {
-    self.downstream?.setReadingPaused(!writable)
   }
 
   // MARK: - Helpers
@@ -294,8 +284,8 @@ final class ProxyCall {
       self.upstream = .none
       pending.append(frame)
       self.upstream = .opening(pending: pending)
-    case .open(let channel):
-      channel.writeAndFlush(frame, promise: nil)
+    case .open(let stream):
+      stream.write(frame)
     case .none, .closed:
       break
     }
@@ -379,10 +369,10 @@ final class ProxyCall {
     self.deadlineTask?.cancel()
     self.deadlineTask = nil
     switch self.upstream {
-    case .open(let channel):
+    case .open(let stream):
       self.upstream = .closed
-      // Closing a stream channel sends RST_STREAM(CANCEL): only for a stream still open.
-      if !(self.upstreamEnded && self.requestSentEnd) { channel.close(promise: nil) }
+      // RST_STREAM(CANCEL) only for a stream still open.
+      if self.upstreamEnded && self.requestSentEnd { stream.release() } else { stream.cancel() }
     case .opening:
       self.upstream = .closed
     case .none, .closed:

@@ -1,0 +1,376 @@
+import Logging
+import NIOCore
+import NIOHPACK
+import NIOHTTP2
+import NIOPosix
+import ProxyConfig
+
+/// What a call hears from its upstream stream.
+protocol UpstreamStreamDelegate: AnyObject {
+  func upstreamHeaders(_ headers: HPACKHeaders, endStream: Bool)
+  func upstreamData(_ data: ByteBuffer, endStream: Bool)
+  /// The stream closed before the call saw its end: reset, refused, or the connection was lost.
+  func upstreamClosed(reason: String)
+}
+
+/// A call's stream on an upstream connection: the handle the call writes through.
+struct UpstreamStream {
+  let connection: UpstreamConnection
+  let id: HTTP2StreamID
+
+  func write(_ payload: HTTP2Frame.FramePayload) {
+    self.connection.write(payload, on: self.id)
+  }
+
+  /// Resets the stream (RST_STREAM CANCEL) if it is still open.
+  func cancel() {
+    self.connection.cancel(self.id)
+  }
+
+  /// Forgets a stream that ended normally.
+  func release() {
+    self.connection.release(self.id)
+  }
+
+  /// Gives back receive window for data the call has passed on, or holds it while the call's
+  /// client is not reading: that is the backpressure from a slow browser to the backend.
+  func setPaused(_ paused: Bool) {
+    self.connection.setPaused(paused, stream: self.id)
+  }
+}
+
+/// One HTTP/2 connection to one upstream endpoint, with its calls' streams in a table.
+///
+/// Frames are handled on the connection channel itself, with no channel per stream: a stream is
+/// an entry in `streams`, opened by writing HEADERS with the next odd stream ID. NIOHTTP2's
+/// handler still keeps the protocol state, outbound flow control and the peer's concurrency
+/// limit; this class returns receive window as calls consume data, and coalesces flushes into
+/// one per event-loop tick.
+///
+/// States: `idle → connecting(waiters) → ready(context) → closed`, with `draining` once the
+/// pool has let go of it (endpoint removed, or GOAWAY): no new streams, close when empty.
+final class UpstreamConnection {
+  typealias Completion = (Result<UpstreamStream, UpstreamUnavailable>) -> Void
+
+  private enum State {
+    case idle
+    case connecting([(any UpstreamStreamDelegate, Completion)])
+    case ready(ChannelHandlerContext)
+    case closed
+  }
+
+  private struct StreamEntry {
+    var delegate: any UpstreamStreamDelegate
+    /// Bytes received and passed on but not yet given back as window.
+    var owed: Int = 0
+    var paused = false
+    var peerEnded = false
+  }
+
+  /// Receive window per stream (our SETTINGS_INITIAL_WINDOW_SIZE) and for the connection.
+  static let streamWindow = 1 << 20
+  static let connectionWindow = 16 << 20
+
+  let endpoint: HostAndPort
+  private let eventLoop: any EventLoop
+  private let connectTimeout: ProxyDuration
+  private let logger: Logger
+  private let onClose: (UpstreamConnection) -> Void
+  private var state: State = .idle
+  private var streams: [HTTP2StreamID: StreamEntry] = [:]
+  private var nextStreamID: Int32 = 1
+  private var connectionOwed = 0
+  private var flushScheduled = false
+  private(set) var draining = false
+
+  init(
+    endpoint: HostAndPort,
+    eventLoop: any EventLoop,
+    connectTimeout: ProxyDuration,
+    logger: Logger,
+    onClose: @escaping (UpstreamConnection) -> Void
+  ) {
+    self.endpoint = endpoint
+    self.eventLoop = eventLoop
+    self.connectTimeout = connectTimeout
+    self.logger = logger
+    self.onClose = onClose
+  }
+
+  var activeStreams: Int { self.streams.count }
+
+  // MARK: - Opening streams
+
+  func openStream(for delegate: any UpstreamStreamDelegate, completion: @escaping Completion) {
+    switch self.state {
+    case .idle:
+      self.state = .connecting([(delegate, completion)])
+      self.startConnecting()
+    case .connecting(var waiters):
+      self.state = .closed  // avoid copying the array while appending
+      waiters.append((delegate, completion))
+      self.state = .connecting(waiters)
+    case .ready:
+      completion(self.register(delegate))
+    case .closed:
+      completion(.failure(UpstreamUnavailable(reason: "connection termination")))
+    }
+  }
+
+  private func register(_ delegate: any UpstreamStreamDelegate) -> Result<UpstreamStream, UpstreamUnavailable> {
+    guard self.nextStreamID < Int32.max - 2 else {
+      // Stream IDs are spent: this connection takes no more calls; a new one will.
+      self.retire()
+      return .failure(UpstreamUnavailable(reason: "connection termination"))
+    }
+    let id = HTTP2StreamID(self.nextStreamID)
+    self.nextStreamID += 2
+    self.streams[id] = StreamEntry(delegate: delegate)
+    return .success(UpstreamStream(connection: self, id: id))
+  }
+
+  private func startConnecting() {
+    let address: SocketAddress
+    do {
+      address = try SocketAddress(ipAddress: self.endpoint.host, port: self.endpoint.port)
+    } catch {
+      self.connectFailed(reason: "connection failure, transport failure reason: bad address \(self.endpoint)")
+      return
+    }
+    let timeout = TimeAmount.nanoseconds(max(self.connectTimeout.nanoseconds, 1_000_000))
+    let bound = NIOLoopBound(self, eventLoop: self.eventLoop)
+    let future = ClientBootstrap(group: self.eventLoop)
+      .connectTimeout(timeout)
+      .channelOption(.socketOption(.tcp_nodelay), value: 1)
+      .channelInitializer { channel in
+        channel.eventLoop.makeCompletedFuture {
+          let settings = [
+            HTTP2Setting(parameter: .enablePush, value: 0),
+            HTTP2Setting(parameter: .maxConcurrentStreams, value: 1000),
+            HTTP2Setting(parameter: .initialWindowSize, value: UpstreamConnection.streamWindow),
+            HTTP2Setting(parameter: .maxHeaderListSize, value: 1 << 16),
+          ]
+          try channel.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, initialSettings: settings))
+          try channel.pipeline.syncOperations.addHandler(UpstreamFrameHandler(connection: bound.value))
+        }
+      }
+      .connect(to: address)
+    future.assumeIsolated().whenFailure { error in
+      self.connectFailed(reason: "connection failure, transport failure reason: \(Self.describe(error))")
+    }
+  }
+
+  /// The frame handler is active: streams can be opened.
+  fileprivate func connected(_ context: ChannelHandlerContext) {
+    guard case .connecting(let waiters) = self.state else {
+      if case .ready = self.state { return }
+      context.close(promise: nil)
+      return
+    }
+    self.logger.debug("upstream connected", metadata: ["endpoint": "\(self.endpoint)"])
+    self.state = .ready(context)
+    // The connection's receive window starts at 64 KiB whatever the settings say.
+    let raise = Self.connectionWindow - 65_535
+    context.write(NIOAny(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: raise))), promise: nil)
+    for (delegate, completion) in waiters {
+      completion(self.register(delegate))
+    }
+    self.scheduleFlush()
+  }
+
+  private func connectFailed(reason: String) {
+    guard case .connecting(let waiters) = self.state else { return }
+    self.logger.info("upstream connect failed", metadata: ["endpoint": "\(self.endpoint)", "reason": "\(reason)"])
+    self.state = .closed
+    self.onClose(self)
+    for (_, completion) in waiters {
+      completion(.failure(UpstreamUnavailable(reason: reason)))
+    }
+  }
+
+  // MARK: - Writing
+
+  fileprivate func write(_ payload: HTTP2Frame.FramePayload, on id: HTTP2StreamID) {
+    guard case .ready(let context) = self.state, self.streams[id] != nil else { return }
+    context.write(NIOAny(HTTP2Frame(streamID: id, payload: payload)), promise: nil)
+    self.scheduleFlush()
+  }
+
+  fileprivate func cancel(_ id: HTTP2StreamID) {
+    guard self.streams.removeValue(forKey: id) != nil, case .ready(let context) = self.state else { return }
+    context.write(NIOAny(HTTP2Frame(streamID: id, payload: .rstStream(.cancel))), promise: nil)
+    self.scheduleFlush()
+    self.closeIfDrained()
+  }
+
+  fileprivate func release(_ id: HTTP2StreamID) {
+    self.streams.removeValue(forKey: id)
+    self.closeIfDrained()
+  }
+
+  fileprivate func setPaused(_ paused: Bool, stream id: HTTP2StreamID) {
+    guard var entry = self.streams[id] else { return }
+    entry.paused = paused
+    self.streams[id] = entry
+    if !paused { self.returnWindow(id) }
+  }
+
+  /// One flush per event-loop tick, however many calls wrote in it.
+  private func scheduleFlush() {
+    guard !self.flushScheduled else { return }
+    self.flushScheduled = true
+    self.eventLoop.assumeIsolated().execute {
+      self.flushScheduled = false
+      if case .ready(let context) = self.state { context.flush() }
+    }
+  }
+
+  private func returnWindow(_ id: HTTP2StreamID) {
+    guard case .ready(let context) = self.state, var entry = self.streams[id] else { return }
+    if !entry.paused && !entry.peerEnded && entry.owed >= Self.streamWindow / 2 {
+      context.write(NIOAny(HTTP2Frame(streamID: id, payload: .windowUpdate(windowSizeIncrement: entry.owed))), promise: nil)
+      entry.owed = 0
+      self.streams[id] = entry
+      self.scheduleFlush()
+    }
+  }
+
+  // MARK: - Reading
+
+  fileprivate func received(_ frame: HTTP2Frame, context: ChannelHandlerContext) {
+    switch frame.payload {
+    case .headers(let headers):
+      guard var entry = self.streams[frame.streamID] else { return }
+      if headers.endStream {
+        entry.peerEnded = true
+        self.streams[frame.streamID] = entry
+      }
+      entry.delegate.upstreamHeaders(headers.headers, endStream: headers.endStream)
+    case .data(let data):
+      let length = data.data.readableBytes + (data.paddingBytes ?? 0)
+      self.connectionOwed += length
+      if self.connectionOwed >= Self.connectionWindow / 2 {
+        context.write(NIOAny(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: self.connectionOwed))), promise: nil)
+        self.connectionOwed = 0
+        self.scheduleFlush()
+      }
+      guard var entry = self.streams[frame.streamID] else { return }
+      entry.owed += length
+      entry.peerEnded = entry.peerEnded || data.endStream
+      self.streams[frame.streamID] = entry
+      if case .byteBuffer(let buffer) = data.data {
+        entry.delegate.upstreamData(buffer, endStream: data.endStream)
+      }
+      self.returnWindow(frame.streamID)
+    case .rstStream(let code):
+      guard let entry = self.streams.removeValue(forKey: frame.streamID) else { return }
+      entry.delegate.upstreamClosed(reason: code == .refusedStream ? "remote refused stream reset" : "remote reset")
+      self.closeIfDrained()
+    case .goAway(let lastStreamID, _, _):
+      // Calls above lastStreamID were never processed; NIOHTTP2 closes their streams, and the
+      // pool sends new calls to a new connection.
+      self.logger.debug("upstream GOAWAY", metadata: ["endpoint": "\(self.endpoint)", "lastStreamID": "\(lastStreamID)"])
+      self.retire()
+    default:
+      break
+    }
+  }
+
+  /// NIOHTTP2 closed a stream: both ends done, or reset (by either side or by GOAWAY).
+  fileprivate func streamClosed(_ event: StreamClosedEvent) {
+    guard let entry = self.streams.removeValue(forKey: event.streamID) else { return }
+    if let reason = event.reason {
+      entry.delegate.upstreamClosed(reason: reason == .refusedStream ? "remote refused stream reset" : "remote reset")
+    } else {
+      entry.delegate.upstreamClosed(reason: "connection termination")
+    }
+    self.closeIfDrained()
+  }
+
+  fileprivate func channelClosed() {
+    let streams = self.streams
+    self.streams.removeAll()
+    if case .connecting = self.state {
+      self.connectFailed(reason: "connection failure")
+      return
+    }
+    self.state = .closed
+    self.onClose(self)
+    for entry in streams.values {
+      entry.delegate.upstreamClosed(reason: "connection termination")
+    }
+  }
+
+  // MARK: - Draining
+
+  /// Takes no new calls; closes once the calls in flight are done.
+  func retire() {
+    guard !self.draining else { return }
+    self.draining = true
+    self.onClose(self)
+    switch self.state {
+    case .connecting(let waiters):
+      self.state = .closed
+      for (_, completion) in waiters { completion(.failure(UpstreamUnavailable(reason: "connection termination"))) }
+    case .ready:
+      self.closeIfDrained()
+    case .idle, .closed:
+      self.state = .closed
+    }
+  }
+
+  private func closeIfDrained() {
+    guard self.draining, self.streams.isEmpty, case .ready(let context) = self.state else { return }
+    context.close(promise: nil)
+  }
+
+  private static func describe(_ error: any Error) -> String {
+    if let io = error as? IOError { return "delayed connect error: \(io.errnoCode)" }
+    return "\(error)"
+  }
+}
+
+/// The last handler of an upstream connection's pipeline: hands frames and events to the
+/// connection object.
+final class UpstreamFrameHandler: ChannelInboundHandler {
+  typealias InboundIn = HTTP2Frame
+  typealias OutboundOut = HTTP2Frame
+
+  private let connection: UpstreamConnection
+
+  init(connection: UpstreamConnection) {
+    self.connection = connection
+  }
+
+  func channelActive(context: ChannelHandlerContext) {
+    self.connection.connected(context)
+    context.fireChannelActive()
+  }
+
+  func handlerAdded(context: ChannelHandlerContext) {
+    if context.channel.isActive { self.connection.connected(context) }
+  }
+
+  func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+    self.connection.received(self.unwrapInboundIn(data), context: context)
+  }
+
+  func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+    if let closed = event as? StreamClosedEvent {
+      self.connection.streamClosed(closed)
+    }
+    context.fireUserInboundEventTriggered(event)
+  }
+
+  func channelInactive(context: ChannelHandlerContext) {
+    self.connection.channelClosed()
+    context.fireChannelInactive()
+  }
+
+  func errorCaught(context: ChannelHandlerContext, error: any Error) {
+    // Stream errors (a frame for a stream already reset, say) concern one call, which has been
+    // told through its stream's events; connection errors close the channel.
+    if error is NIOHTTP2Errors.StreamClosed || error is NIOHTTP2Errors.NoSuchStream { return }
+    context.close(promise: nil)
+  }
+}
