@@ -497,6 +497,7 @@ private struct Reader {
     let connectTimeout = try m.optional("connect_timeout")?.duration() ?? .seconds(5)
     let lb = try m.optional("lb_policy")?.enumeration(Cluster.LoadBalancing.self) ?? .roundRobin
     let refresh = try m.optional("dns_refresh_rate")?.duration() ?? .seconds(5)
+    let family = try m.optional("dns_lookup_family")?.enumeration(Cluster.DNSLookupFamily.self) ?? .v4Preferred
     var http2 = m.optional("http2_protocol_options") != nil
     if let features = m.optional("features"), (try features.string()).uppercased().contains("HTTP2") { http2 = true }
     if let tepo = m.optional("typed_extension_protocol_options") {
@@ -538,12 +539,12 @@ private struct Reader {
     m.unsupported("health_checks", "active health checks are not supported yet and are ignored", into: self.sink)
     m.unsupported("outlier_detection", "outlier detection is not supported yet and is ignored", into: self.sink)
     m.unsupported("circuit_breakers", "circuit breakers are not supported yet and are ignored", into: self.sink)
-    m.accept("dns_lookup_family", "respect_dns_ttl", "dns_failure_refresh_rate", "upstream_connection_options",
+    m.accept("respect_dns_ttl", "dns_failure_refresh_rate", "upstream_connection_options",
       "common_http_protocol_options", "per_connection_buffer_limit_bytes", "max_requests_per_connection",
       "common_lb_config", "close_connections_on_host_health_failure", "ignore_health_on_host_removal",
       "dns_resolvers", "typed_dns_resolver_config", "use_tcp_for_dns_lookups", "alt_stat_name")
     try m.finish(known: [], warnings: self.sink)
-    return Cluster(
+    var cluster = Cluster(
       name: name,
       type: type,
       endpoints: endpoints,
@@ -552,6 +553,8 @@ private struct Reader {
       http2: http2,
       dnsRefreshRate: refresh
     )
+    cluster.dnsLookupFamily = family
+    return cluster
   }
 
   static func mentionsHTTP2(_ node: Node) -> Bool {

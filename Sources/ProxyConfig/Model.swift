@@ -291,6 +291,17 @@ public struct Cluster: Sendable, Hashable {
     case random = "RANDOM"
   }
 
+  /// Which DNS answers a cluster uses (Envoy's `dns_lookup_family`).
+  public enum DNSLookupFamily: String, Sendable, Hashable, CaseIterable {
+    case v4Only = "V4_ONLY"
+    case v6Only = "V6_ONLY"
+    /// IPv6 addresses if there are any, else IPv4.
+    case auto = "AUTO"
+    /// IPv4 addresses if there are any, else IPv6 (Envoy's default).
+    case v4Preferred = "V4_PREFERRED"
+    case all = "ALL"
+  }
+
   public var name: String
   public var type: DiscoveryType
   public var endpoints: [HostAndPort]
@@ -300,6 +311,7 @@ public struct Cluster: Sendable, Hashable {
   /// Envoy, which no gRPC server accepts.
   public var http2: Bool
   public var dnsRefreshRate: ProxyDuration
+  public var dnsLookupFamily: DNSLookupFamily = .v4Preferred
 
   public init(
     name: String,

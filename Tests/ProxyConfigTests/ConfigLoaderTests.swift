@@ -118,10 +118,11 @@ let sharedAvailable = FileManager.default.fileExists(atPath: sharedDirectory.app
   }
 
   @Test func lowerCaseEnumsAndV2Names() throws {
-    let yaml = Self.minimal(connectTimeout: "1s").replacingOccurrences(of: "type: STATIC", with: "type: strict_dns")
+    let yaml = Self.minimal(connectTimeout: "1s").replacingOccurrences(of: "type: STATIC", with: "type: strict_dns\n    dns_lookup_family: v4_only")
       .replacingOccurrences(of: "codec_type: AUTO", with: "codec_type: http2")
     let config = try ConfigLoader.load(yaml: yaml).configuration
     #expect(config.clusters[0].type == .strictDNS)
+    #expect(config.clusters[0].dnsLookupFamily == .v4Only)
     #expect(config.listeners[0].codec == .http2)
   }
 

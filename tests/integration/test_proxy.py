@@ -402,3 +402,24 @@ def test_embedded_default_serves_the_user_service():
         out, _ = proc.communicate(timeout=10)
     assert "curl" in out and f"127.0.0.1:{port}" in out
     assert proc.returncode == 0, out
+
+
+def test_strict_dns_cluster_resolves_and_balances(replicas):
+    port = free_port()
+    text = config(port, {"users": [r.port for r in replicas], "dead": [free_port()]}, ROUTES)
+    listeners, clusters = text.split("  clusters:")
+    clusters = clusters.replace("type: STATIC", "type: STRICT_DNS\n    dns_refresh_rate: 0.2s\n    dns_lookup_family: V4_ONLY")
+    clusters = clusters.replace("address: 127.0.0.1", "address: localhost")
+    p = start_proxy(listeners + "  clusters:" + clusters, port)
+    try:
+        time.sleep(0.5)  # a few refreshes: the endpoint set must stay the same
+        c = HTTP2(port)
+        seen = collections.Counter()
+        for _ in range(30):
+            r = c.call("/demo.User/login", login_req("demo", "demo123"))
+            assert r.grpc_status == 0, r
+            seen[pb_decode(r.messages[0])[3].decode()] += 1
+        c.close()
+        assert sorted(seen.values()) == [10, 10, 10], seen
+    finally:
+        p.stop()

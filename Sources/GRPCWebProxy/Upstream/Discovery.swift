@@ -31,7 +31,15 @@ struct Discovery: Sendable {
     var endpoints: [HostAndPort] = []
     for endpoint in cluster.endpoints {
       let host = endpoint.host
-      let addresses = try await self.threadPool.runIfActive(eventLoop: eventLoop) { Self.lookup(host) }.get()
+      let (v4, v6) = try await self.threadPool.runIfActive(eventLoop: eventLoop) { Self.lookup(host) }.get()
+      let addresses: [String]
+      switch cluster.dnsLookupFamily {
+      case .v4Only: addresses = v4
+      case .v6Only: addresses = v6
+      case .auto: addresses = v6.isEmpty ? v4 : v6
+      case .v4Preferred: addresses = v4.isEmpty ? v6 : v4
+      case .all: addresses = v4 + v6
+      }
       if addresses.isEmpty {
         self.logger.warning("cluster '\(cluster.name)': '\(host)' did not resolve")
         continue
@@ -47,8 +55,8 @@ struct Discovery: Sendable {
     return endpoints.filter { seen.insert($0).inserted }
   }
 
-  /// Every address of a host name, IPv4 first, without duplicates.
-  static func lookup(_ host: String) -> [String] {
+  /// Every address of a host name, IPv4 and IPv6 apart, without duplicates.
+  static func lookup(_ host: String) -> (v4: [String], v6: [String]) {
     var hints = addrinfo()
     hints.ai_family = AF_UNSPEC
     #if canImport(Darwin)
@@ -57,7 +65,7 @@ struct Discovery: Sendable {
     hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
     #endif
     var result: UnsafeMutablePointer<addrinfo>?
-    guard getaddrinfo(host, nil, &hints, &result) == 0, let first = result else { return [] }
+    guard getaddrinfo(host, nil, &hints, &result) == 0, let first = result else { return ([], []) }
     defer { freeaddrinfo(first) }
     var v4: [String] = []
     var v6: [String] = []
@@ -81,6 +89,6 @@ struct Discovery: Sendable {
       }
       pointer = info.pointee.ai_next
     }
-    return v4 + v6
+    return (v4, v6)
   }
 }
