@@ -15,9 +15,9 @@ final class FixedReplyHandler: ChannelInboundHandler {
   private let trailers: HPACKHeaders = ["grpc-status": "0"]
   private let message: ByteBuffer
   private var pendingFlush = false
-  /// Request bytes read this cycle. Without a stream multiplexer, nothing else gives the
-  /// connection's receive window back to the client.
-  private var consumed = 0
+  /// Window to give back to the client this cycle. Without a stream multiplexer nothing else
+  /// does; it is topped up from the window's size, so DATA dropped for reset streams is counted.
+  private var windowIncrement = 0
 
   init(payloadSize: Int) {
     var buffer = ByteBuffer()
@@ -37,7 +37,6 @@ final class FixedReplyHandler: ChannelInboundHandler {
     case .headers(let h): ended = h.endStream
     case .data(let d):
       ended = d.endStream
-      if case .byteBuffer(let b) = d.data { self.consumed += b.readableBytes + (d.paddingBytes ?? 0) }
     default: ended = false
     }
     guard ended else { return }
@@ -49,10 +48,10 @@ final class FixedReplyHandler: ChannelInboundHandler {
   }
 
   func channelReadComplete(context: ChannelHandlerContext) {
-    if self.consumed > 0 {
-      let update = HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: self.consumed))
+    if self.windowIncrement > 0 {
+      let update = HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: self.windowIncrement))
       context.write(self.wrapOutboundOut(update), promise: nil)
-      self.consumed = 0
+      self.windowIncrement = 0
       self.pendingFlush = true
     }
     if self.pendingFlush {
@@ -60,6 +59,15 @@ final class FixedReplyHandler: ChannelInboundHandler {
       context.flush()
     }
     context.fireChannelReadComplete()
+  }
+
+  func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+    if let window = event as? NIOHTTP2WindowUpdatedEvent, window.streamID == .rootStream,
+      let inbound = window.inboundWindowSize, inbound < 32_768
+    {
+      self.windowIncrement = 65_535 - inbound
+    }
+    context.fireUserInboundEventTriggered(event)
   }
 
   func errorCaught(context: ChannelHandlerContext, error: any Error) {

@@ -423,3 +423,104 @@ def test_strict_dns_cluster_resolves_and_balances(replicas):
         assert sorted(seen.values()) == [10, 10, 10], seen
     finally:
         p.stop()
+
+
+class LateBackend:
+    """An HTTP/2 backend written frame by frame: it holds its answers until told, then sends
+    them even for streams the proxy has reset meanwhile (as a busy server does when the reset
+    crosses its response on the wire), and from then on answers at once."""
+
+    def __init__(self):
+        import threading
+        self.port = free_port()
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.held, self.resets = [], 0
+        self.released = False
+        self.lock = threading.Lock()
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        import threading
+        while True:
+            conn, _ = self.listener.accept()
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn):
+        import hpack
+        from hyperframe.frame import Frame
+        encoder = hpack.Encoder()
+        data = b""
+        while len(data) < 24:
+            data += conn.recv(65536)
+        data = data[24:]
+        conn.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # empty SETTINGS
+        while True:
+            while len(data) >= 9:
+                f, length = Frame.parse_frame_header(memoryview(data[:9]))
+                if len(data) < 9 + length:
+                    break
+                f.parse_body(memoryview(data[9:9 + length]))
+                data = data[9 + length:]
+                kind = type(f).__name__
+                with self.lock:
+                    if kind == "SettingsFrame" and "ACK" not in f.flags:
+                        conn.sendall(b"\x00\x00\x00\x04\x01\x00\x00\x00\x00")
+                    elif kind == "RstStreamFrame":
+                        self.resets += 1
+                    elif kind == "DataFrame" and "END_STREAM" in f.flags:
+                        if self.released:
+                            self.answer(conn, encoder, f.stream_id)
+                        else:
+                            self.held.append((conn, encoder, f.stream_id))
+            more = conn.recv(65536)
+            if not more:
+                return
+            data += more
+
+    @staticmethod
+    def answer(conn, encoder, stream_id):
+        from hyperframe.frame import DataFrame, HeadersFrame
+        h = HeadersFrame(stream_id, encoder.encode([(":status", "200"), ("content-type", "application/grpc")]))
+        h.flags.add("END_HEADERS")
+        d = DataFrame(stream_id, frame(b"\x0a\x02ok"))
+        t = HeadersFrame(stream_id, encoder.encode([("grpc-status", "0")]))
+        t.flags.add("END_HEADERS")
+        t.flags.add("END_STREAM")
+        conn.sendall(h.serialize() + d.serialize() + t.serialize())
+
+    def send_held(self):
+        with self.lock:
+            for held in self.held:
+                self.answer(*held)
+            self.held.clear()
+            self.released = True
+
+
+def test_answers_for_calls_whose_clients_vanished_do_not_wedge_the_upstream():
+    backend = LateBackend()
+    port = free_port()
+    p = start_proxy(config(port, {"users": [backend.port], "dead": [free_port()]}, ROUTES), port)
+    try:
+        body = frame(b"\x0a\x03abc")
+        request = (f"POST /demo.Echo/Unary HTTP/1.1\r\nhost: x\r\ncontent-type: application/grpc-web+proto\r\n"
+                   f"content-length: {len(body)}\r\n\r\n").encode() + body
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]
+        for s in socks:
+            s.sendall(request)
+        deadline = time.monotonic() + 10
+        while len(backend.held) < 100 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(backend.held) == 100
+        for s in socks:
+            s.close()
+        while backend.resets < 100 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert backend.resets == 100, "the proxy resets the streams of calls whose clients left"
+        backend.send_held()
+        c = HTTP2(port, timeout=5)
+        for _ in range(5):
+            r = c.call("/demo.Echo/Unary", b"\x0a\x01x")
+            assert r.status == 200 and r.grpc_status == 0, r
+        c.close()
+    finally:
+        p.stop()

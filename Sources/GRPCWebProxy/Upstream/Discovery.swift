@@ -55,6 +55,10 @@ struct Discovery: Sendable {
     return endpoints.filter { seen.insert($0).inserted }
   }
 
+  private static func text(_ cString: [CChar]) -> String {
+    String(decoding: cString.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+  }
+
   /// Every address of a host name, IPv4 and IPv6 apart, without duplicates.
   static func lookup(_ host: String) -> (v4: [String], v6: [String]) {
     var hints = addrinfo()
@@ -77,14 +81,14 @@ struct Discovery: Sendable {
           var addr = sin.pointee.sin_addr
           inet_ntop(AF_INET, &addr, &buffer, socklen_t(buffer.count))
         }
-        let text = String(cString: buffer)
+        let text = Self.text(buffer)
         if !v4.contains(text) { v4.append(text) }
       } else if info.pointee.ai_family == AF_INET6 {
         info.pointee.ai_addr.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { sin6 in
           var addr = sin6.pointee.sin6_addr
           inet_ntop(AF_INET6, &addr, &buffer, socklen_t(buffer.count))
         }
-        let text = String(cString: buffer)
+        let text = Self.text(buffer)
         if !v6.contains(text) { v6.append(text) }
       }
       pointer = info.pointee.ai_next

@@ -70,6 +70,7 @@ final class UpstreamConnection {
   /// Receive window per stream (our SETTINGS_INITIAL_WINDOW_SIZE) and for the connection.
   static let streamWindow = 1 << 20
   static let connectionWindow = 16 << 20
+  static let maxRememberedResets = 4096
 
   let endpoint: HostAndPort
   private let eventLoop: any EventLoop
@@ -79,7 +80,6 @@ final class UpstreamConnection {
   private var state: State = .idle
   private var streams: [HTTP2StreamID: StreamEntry] = [:]
   private var nextStreamID: Int32 = 1
-  private var connectionOwed = 0
   private var flushScheduled = false
   private(set) var draining = false
 
@@ -144,13 +144,18 @@ final class UpstreamConnection {
       .channelOption(.socketOption(.tcp_nodelay), value: 1)
       .channelInitializer { channel in
         channel.eventLoop.makeCompletedFuture {
-          let settings = [
+          var configuration = NIOHTTP2Handler.ConnectionConfiguration()
+          configuration.initialSettings = [
             HTTP2Setting(parameter: .enablePush, value: 0),
             HTTP2Setting(parameter: .maxConcurrentStreams, value: 1000),
             HTTP2Setting(parameter: .initialWindowSize, value: UpstreamConnection.streamWindow),
             HTTP2Setting(parameter: .maxHeaderListSize, value: 1 << 16),
           ]
-          try channel.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, initialSettings: settings))
+          // When many calls are cancelled at once (clients gone), their responses may already be
+          // on the way. NIOHTTP2 ignores frames for streams it remembers resetting and treats
+          // the rest as a protocol error that kills the connection: remember them all.
+          configuration.maximumRecentlyResetStreams = UpstreamConnection.maxRememberedResets
+          try channel.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, connectionConfiguration: configuration))
           try channel.pipeline.syncOperations.addHandler(UpstreamFrameHandler(connection: bound.value))
         }
       }
@@ -192,8 +197,23 @@ final class UpstreamConnection {
 
   fileprivate func write(_ payload: HTTP2Frame.FramePayload, on id: HTTP2StreamID) {
     guard case .ready(let context) = self.state, self.streams[id] != nil else { return }
-    context.write(NIOAny(HTTP2Frame(streamID: id, payload: payload)), promise: nil)
+    var promise: EventLoopPromise<Void>?
+    if case .headers = payload {
+      // The stream starts with this frame; if NIOHTTP2 refuses it (after a GOAWAY, say), the
+      // call must hear so rather than wait for a response that cannot come.
+      let p = context.eventLoop.makePromise(of: Void.self)
+      p.futureResult.assumeIsolated().whenFailure { _ in self.streamFailed(id) }
+      promise = p
+    }
+    context.write(NIOAny(HTTP2Frame(streamID: id, payload: payload)), promise: promise)
     self.scheduleFlush()
+  }
+
+  private func streamFailed(_ id: HTTP2StreamID) {
+    guard let entry = self.streams.removeValue(forKey: id) else { return }
+    entry.delegate.upstreamClosed(reason: "connection termination")
+    self.retire()
+    self.closeIfDrained()
   }
 
   fileprivate func cancel(_ id: HTTP2StreamID) {
@@ -248,12 +268,6 @@ final class UpstreamConnection {
       entry.delegate.upstreamHeaders(headers.headers, endStream: headers.endStream)
     case .data(let data):
       let length = data.data.readableBytes + (data.paddingBytes ?? 0)
-      self.connectionOwed += length
-      if self.connectionOwed >= Self.connectionWindow / 2 {
-        context.write(NIOAny(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: self.connectionOwed))), promise: nil)
-        self.connectionOwed = 0
-        self.scheduleFlush()
-      }
       guard var entry = self.streams[frame.streamID] else { return }
       entry.owed += length
       entry.peerEnded = entry.peerEnded || data.endStream
@@ -274,6 +288,16 @@ final class UpstreamConnection {
     default:
       break
     }
+  }
+
+  /// The connection's receive window changed. It is topped up from its size, not from what calls
+  /// consumed: DATA for a stream already reset never reaches a call, and counting consumption
+  /// would leak that window until the backend could send nothing at all.
+  fileprivate func connectionWindowChanged(inbound: Int) {
+    guard inbound <= Self.connectionWindow / 2, case .ready(let context) = self.state else { return }
+    let increment = Self.connectionWindow - inbound
+    context.write(NIOAny(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: increment))), promise: nil)
+    self.scheduleFlush()
   }
 
   /// NIOHTTP2 closed a stream: both ends done, or reset (by either side or by GOAWAY).
@@ -299,6 +323,11 @@ final class UpstreamConnection {
     for entry in streams.values {
       entry.delegate.upstreamClosed(reason: "connection termination")
     }
+  }
+
+  fileprivate func connectionError(_ error: any Error) {
+    self.logger.debug("upstream connection error", metadata: ["endpoint": "\(self.endpoint)", "error": "\(error)"])
+    self.retire()
   }
 
   // MARK: - Draining
@@ -358,6 +387,8 @@ final class UpstreamFrameHandler: ChannelInboundHandler {
   func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
     if let closed = event as? StreamClosedEvent {
       self.connection.streamClosed(closed)
+    } else if let window = event as? NIOHTTP2WindowUpdatedEvent, window.streamID == .rootStream, let inbound = window.inboundWindowSize {
+      self.connection.connectionWindowChanged(inbound: inbound)
     }
     context.fireUserInboundEventTriggered(event)
   }
@@ -368,9 +399,10 @@ final class UpstreamFrameHandler: ChannelInboundHandler {
   }
 
   func errorCaught(context: ChannelHandlerContext, error: any Error) {
-    // Stream errors (a frame for a stream already reset, say) concern one call, which has been
-    // told through its stream's events; connection errors close the channel.
-    if error is NIOHTTP2Errors.StreamClosed || error is NIOHTTP2Errors.NoSuchStream { return }
-    context.close(promise: nil)
+    // A frame for a stream already closed concerns that stream only. Anything else may have
+    // made NIOHTTP2 send GOAWAY, after which the connection takes no new streams: new calls go
+    // to a new connection, and this one closes when its calls are done.
+    if error is NIOHTTP2Errors.StreamClosed || error is NIOHTTP2Errors.StreamError { return }
+    self.connection.connectionError(error)
   }
 }
