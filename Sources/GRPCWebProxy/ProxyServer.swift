@@ -180,24 +180,8 @@ public final class ProxyServer: Service {
   }
 
   static func configureHTTP2(_ pipeline: ChannelPipeline.SynchronousOperations, runtime: ListenerRuntime) throws {
-    var connection = NIOHTTP2Handler.ConnectionConfiguration()
-    connection.initialSettings = [
-      HTTP2Setting(parameter: .maxConcurrentStreams, value: 1000),
-      HTTP2Setting(parameter: .initialWindowSize, value: 1 << 20),
-      HTTP2Setting(parameter: .maxHeaderListSize, value: 1 << 16),
-    ]
-    connection.targetWindowSize = 8 << 20
-    var stream = NIOHTTP2Handler.StreamConfiguration()
-    stream.targetWindowSize = 1 << 20
-    let bound = NIOLoopBound(runtime, eventLoop: runtime.upstreams.eventLoop)
-    _ = try pipeline.configureHTTP2Pipeline(
-      mode: .server,
-      connectionConfiguration: connection,
-      streamConfiguration: stream
-    ) { streamChannel in
-      streamChannel.eventLoop.makeCompletedFuture {
-        try streamChannel.pipeline.syncOperations.addHandler(HTTP2ProxyStreamHandler(runtime: bound.value))
-      }
-    }
+    try pipeline.addHandler(HTTP2ProxyConnectionHandler.http2Handler())
+    try pipeline.addHandler(HTTP2ProxyConnectionHandler(runtime: runtime))
   }
+
 }

@@ -524,3 +524,18 @@ def test_answers_for_calls_whose_clients_vanished_do_not_wedge_the_upstream():
         c.close()
     finally:
         p.stop()
+
+
+def test_early_reply_on_http2_stops_the_client_sending_and_the_connection_serves_on(proxy):
+    c = HTTP2(proxy.port)
+    try:
+        sid = c.start("/demo.User/login", {"content-type": "application/grpc-web-text"}, b"AA*A", end=False)
+        s = c.finish(sid)
+        assert s["headers"][":status"] == "400" and s["headers"]["grpc-status"] == "13"
+        # The client had not finished its body: the proxy tells it to stop (RST_STREAM NO_ERROR).
+        c.pump(lambda: c.streams[sid]["reset"] is not None, deadline=time.monotonic() + 2)
+        assert c.streams[sid]["reset"] == 0
+        r = c.call("/demo.User/login", login_req("demo", "demo123"))
+        assert r.grpc_status == 0
+    finally:
+        c.close()

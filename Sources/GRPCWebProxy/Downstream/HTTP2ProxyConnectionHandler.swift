@@ -1,0 +1,227 @@
+import GRPCWebCore
+import NIOCore
+import NIOHPACK
+import NIOHTTP2
+
+/// Serves a downstream HTTP/2 connection: each stream is one call, kept in a table on the
+/// connection channel rather than in a channel of its own.
+///
+/// NIOHTTP2's handler keeps the protocol state, the peer's flow control and the concurrency
+/// limit; this handler returns receive window as calls consume request bodies, and writes all
+/// streams' responses with one flush per event-loop tick.
+final class HTTP2ProxyConnectionHandler: ChannelInboundHandler {
+  typealias InboundIn = HTTP2Frame
+  typealias OutboundOut = HTTP2Frame
+
+  static let streamWindow = 1 << 20
+  static let connectionWindow = 8 << 20
+
+  private let runtime: ListenerRuntime
+  private var streams: [HTTP2StreamID: HTTP2DownstreamStream] = [:]
+  private var context: ChannelHandlerContext?
+  private var flushScheduled = false
+
+  init(runtime: ListenerRuntime) {
+    self.runtime = runtime
+  }
+
+  /// The HTTP/2 server handler for the connection, configured for this one.
+  static func http2Handler() -> NIOHTTP2Handler {
+    var configuration = NIOHTTP2Handler.ConnectionConfiguration()
+    configuration.initialSettings = [
+      HTTP2Setting(parameter: .maxConcurrentStreams, value: 1000),
+      HTTP2Setting(parameter: .initialWindowSize, value: Self.streamWindow),
+      HTTP2Setting(parameter: .maxHeaderListSize, value: 1 << 16),
+    ]
+    // Frames a client sends on streams the proxy has reset are ignored, not a protocol error.
+    configuration.maximumRecentlyResetStreams = 1000
+    return NIOHTTP2Handler(mode: .server, connectionConfiguration: configuration)
+  }
+
+  func handlerAdded(context: ChannelHandlerContext) {
+    self.context = context
+    // Added after protocol detection, the channel is already active (and NIOHTTP2 has sent
+    // its preface): channelActive will not come.
+    if context.channel.isActive { self.raiseConnectionWindow(context: context, from: 65_535) }
+  }
+
+  func handlerRemoved(context: ChannelHandlerContext) {
+    self.context = nil
+  }
+
+  func channelActive(context: ChannelHandlerContext) {
+    self.raiseConnectionWindow(context: context, from: 65_535)
+    context.fireChannelActive()
+  }
+
+  func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+    let frame = self.unwrapInboundIn(data)
+    let id = frame.streamID
+    switch frame.payload {
+    case .headers(let headers):
+      if let stream = self.streams[id] {
+        stream.requestEnded = true
+        stream.call?.receiveEnd(trailers: headers.headers)
+      } else {
+        let stream = HTTP2DownstreamStream(id: id, connection: self)
+        stream.requestEnded = headers.endStream
+        let call = ProxyCall(runtime: self.runtime, eventLoop: context.eventLoop, allocator: context.channel.allocator, downstream: stream)
+        stream.call = call
+        self.streams[id] = stream
+        call.receiveHead(headers.headers, endStream: headers.endStream)
+      }
+    case .data(let data):
+      guard let stream = self.streams[id] else { return }
+      if case .byteBuffer(let buffer) = data.data, buffer.readableBytes > 0 {
+        stream.call?.receiveBody(buffer)
+      }
+      if data.endStream {
+        stream.requestEnded = true
+        stream.call?.receiveEnd(trailers: nil)
+      } else {
+        // Window goes back as the body is passed on (the upstream applies its own flow control).
+        stream.owed += data.data.readableBytes + (data.paddingBytes ?? 0)
+        if stream.owed >= Self.streamWindow / 2 {
+          self.write(HTTP2Frame(streamID: id, payload: .windowUpdate(windowSizeIncrement: stream.owed)))
+          stream.owed = 0
+          self.scheduleFlush()
+        }
+      }
+    case .rstStream:
+      self.streams.removeValue(forKey: id)?.clientWentAway()
+    default:
+      break
+    }
+  }
+
+  func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+    if let closed = event as? StreamClosedEvent {
+      // Both ends done, or reset: a call still running has lost its client.
+      self.streams.removeValue(forKey: closed.streamID)?.clientWentAway()
+    } else if let window = event as? NIOHTTP2WindowUpdatedEvent, window.streamID == .rootStream,
+      let inbound = window.inboundWindowSize, inbound <= Self.connectionWindow / 2
+    {
+      self.raiseConnectionWindow(context: context, from: inbound)
+    }
+    context.fireUserInboundEventTriggered(event)
+  }
+
+  func channelWritabilityChanged(context: ChannelHandlerContext) {
+    let writable = context.channel.isWritable
+    for stream in self.streams.values { stream.call?.downstreamWritabilityChanged(writable) }
+    context.fireChannelWritabilityChanged()
+  }
+
+  func channelInactive(context: ChannelHandlerContext) {
+    let streams = self.streams
+    self.streams.removeAll()
+    for stream in streams.values { stream.clientWentAway() }
+    context.fireChannelInactive()
+  }
+
+  func errorCaught(context: ChannelHandlerContext, error: any Error) {
+    // Stream-level errors (a frame written after the client reset its stream) concern a call
+    // that has already been told; a connection error means the connection is done.
+    if error is NIOHTTP2Errors.StreamClosed || error is NIOHTTP2Errors.StreamError || error is NIOHTTP2Errors.NoSuchStream {
+      return
+    }
+    context.close(promise: nil)
+  }
+
+  // MARK: - For the streams
+
+  fileprivate var isWritable: Bool { self.context?.channel.isWritable ?? false }
+
+  fileprivate func write(_ frame: HTTP2Frame) {
+    self.context?.write(self.wrapOutboundOut(frame), promise: nil)
+  }
+
+  /// The stream's response has ended; forget it (a late reset by the client finds nothing).
+  fileprivate func finished(_ id: HTTP2StreamID) {
+    self.streams.removeValue(forKey: id)
+  }
+
+  fileprivate func scheduleFlush() {
+    guard !self.flushScheduled, let context = self.context else { return }
+    self.flushScheduled = true
+    context.eventLoop.assumeIsolated().execute {
+      self.flushScheduled = false
+      self.context?.flush()
+    }
+  }
+
+  private func raiseConnectionWindow(context: ChannelHandlerContext, from current: Int) {
+    let increment = Self.connectionWindow - current
+    guard increment > 0 else { return }
+    context.write(self.wrapOutboundOut(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: increment))), promise: nil)
+    self.scheduleFlush()
+  }
+}
+
+/// One downstream HTTP/2 stream: the call's way to write its response.
+final class HTTP2DownstreamStream: DownstreamStream {
+  let id: HTTP2StreamID
+  private unowned let connection: HTTP2ProxyConnectionHandler
+  var call: ProxyCall?
+  /// Request body bytes passed on but not yet given back as window.
+  var owed = 0
+  var requestEnded = false
+
+  init(id: HTTP2StreamID, connection: HTTP2ProxyConnectionHandler) {
+    self.id = id
+    self.connection = connection
+  }
+
+  func clientWentAway() {
+    let call = self.call
+    self.call = nil
+    if let call, !call.isFinished { call.downstreamClosed() }
+  }
+
+  func write(head: ResponseHead, endStream: Bool) {
+    var headers = HPACKHeaders()
+    headers.reserveCapacity(head.headers.count + 1)
+    headers.add(name: ":status", value: String(head.status))
+    headers.add(contentsOf: head.headers)
+    self.connection.write(HTTP2Frame(streamID: self.id, payload: .headers(.init(headers: headers, endStream: endStream))))
+    if endStream { self.ended() }
+  }
+
+  func write(body: ByteBuffer, endStream: Bool) {
+    self.connection.write(HTTP2Frame(streamID: self.id, payload: .data(.init(data: .byteBuffer(body), endStream: endStream))))
+    if endStream { self.ended() }
+  }
+
+  func writeEnd(trailers: HPACKHeaders?) {
+    if let trailers, !trailers.isEmpty {
+      self.connection.write(HTTP2Frame(streamID: self.id, payload: .headers(.init(headers: trailers, endStream: true))))
+    } else {
+      // An empty DATA frame, never an empty HEADERS frame: the latter broke Safari and IE (E16).
+      self.connection.write(HTTP2Frame(streamID: self.id, payload: .data(.init(data: .byteBuffer(ByteBuffer()), endStream: true))))
+    }
+    self.ended()
+  }
+
+  func abort() {
+    self.connection.write(HTTP2Frame(streamID: self.id, payload: .rstStream(.cancel)))
+    self.requestEnded = true
+    self.ended()
+    self.connection.scheduleFlush()
+  }
+
+  func flush() {
+    self.connection.scheduleFlush()
+  }
+
+  var isWritable: Bool { self.connection.isWritable }
+
+  private func ended() {
+    self.call = nil
+    self.connection.finished(self.id)
+    if !self.requestEnded {
+      // The response is complete but the client is still sending: tell it to stop (RFC 9113
+      // section 8.1), or its stream would wait on window that no one gives back.
+      self.connection.write(HTTP2Frame(streamID: self.id, payload: .rstStream(.noError)))
+    }
+  }
+}
