@@ -297,7 +297,7 @@ def test_native_grpc_unary_and_trailers_only(proxy):
         c.close()
 
 
-def test_native_grpc_client_and_bidi_streaming(proxy):
+def test_native_grpc_client_server_and_bidi_streaming(proxy):
     c = HTTP2(proxy.port)
     try:
         sid = native(c, "/demo.Echo/ClientStream", [echo_req("a")], end=False)
@@ -306,6 +306,11 @@ def test_native_grpc_client_and_bidi_streaming(proxy):
         s = c.finish(sid)
         r = Reply(200, {}, s["data"], text=False)
         assert pb_decode(r.messages[0])[1] == b"a,b,c" and s["trailers"]["grpc-status"] == "0"
+
+        sid = native(c, "/demo.Echo/ServerStream", [echo_req("s", count=3, delay_ms=50)])
+        s = c.finish(sid)
+        r = Reply(200, {}, s["data"], text=False)
+        assert len(r.messages) == 3 and s["trailers"]["grpc-status"] == "0"
 
         sid = native(c, "/demo.Echo/BidiStream", [echo_req("x")], end=False)
         c.pump(lambda: len(c.streams[sid]["data"]) > 5)
