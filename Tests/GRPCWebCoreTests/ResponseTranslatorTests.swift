@@ -176,6 +176,21 @@ import Testing
     #expect(try #require(out.head).headers.first(name: "content-length") == nil)
   }
 
+  @Test func textModeRefusesToHoldAFrameOverTheBound() throws {
+    var t = ResponseTranslator(kind: .grpcWeb(requestText: false, responseText: true), maxTextFrameSize: 1024)
+    _ = t.receiveHead(self.okHead, endStream: false)
+    var header = ByteBuffer()
+    header.writeInteger(UInt8(0))
+    header.writeInteger(UInt32(1 << 30))  // announces a 1 GiB message; nothing is buffered for it
+    let out = t.receiveData(header, endStream: false)
+    var decoder = Base64StreamDecoder()
+    var decoded = ByteBuffer()
+    try decoder.decode(try #require(out.body), into: &decoded)
+    let trailers = String(buffer: decoded.getSlice(at: 5, length: decoded.readableBytes - 5)!)
+    #expect(trailers.hasPrefix("grpc-status:8\r\ngrpc-message:response message of 1073741824 bytes exceeds"))
+    #expect(t.isFinished)
+  }
+
   @Test func textResponseEndingInsideAFrameIsReported() throws {
     var t = ResponseTranslator(kind: .grpcWeb(requestText: false, responseText: true))
     _ = t.receiveHead(self.okHead, endStream: false)
