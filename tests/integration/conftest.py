@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
+import envoy_yaml  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("BIN_DIR", ROOT / ".build" / "debug"))
 PROXY_BIN = Path(os.environ.get("PROXY_BIN", BIN / "grpc-web-proxy"))
@@ -89,59 +92,15 @@ def config(port, clusters, routes, cors=True, codec="AUTO"):
                 allow_methods: POST, OPTIONS
                 allow_headers: content-type,x-grpc-web,x-user-agent,grpc-timeout
                 expose_headers: grpc-status,grpc-message,x-replica
-                max_age: "600"
-""" if cors else ""
-    cluster_text = ""
-    for name, endpoints in clusters.items():
-        eps = "".join(f"""
-            - endpoint:
-                address:
-                  socket_address: {{ address: 127.0.0.1, port_value: {p} }}""" for p in endpoints)
-        cluster_text += f"""
-  - name: {name}
-    connect_timeout: 0.5s
-    type: STATIC
-    lb_policy: ROUND_ROBIN
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config:
-          http2_protocol_options: {{}}
-    load_assignment:
-      cluster_name: {name}
-      endpoints:
-      - lb_endpoints:{eps}
-"""
-    return f"""
-static_resources:
-  listeners:
-  - name: test
-    address:
-      socket_address: {{ address: 127.0.0.1, port_value: {port} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          codec_type: {codec}
-          stat_prefix: test
-          route_config:
-            virtual_hosts:
+                max_age: '600'""" if cors else ""
+    virtual_hosts = f"""
             - name: all
               domains: ["*"]
-              routes:{routes}{cors_block}
-          http_filters:
-          - name: envoy.filters.http.grpc_web
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_web.v3.GrpcWeb
-          - name: envoy.filters.http.cors
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:{cluster_text}
-"""
+              routes:{routes}{cors_block}"""
+    return envoy_yaml.config(
+        [envoy_yaml.listener("test", port, virtual_hosts, codec=codec)],
+        [envoy_yaml.cluster(name, ports, connect_timeout="0.5s") for name, ports in clusters.items()],
+    )
 
 
 ROUTES = """
