@@ -32,9 +32,6 @@ public struct Base64StreamDecoder: Sendable {
 
   public init() {}
 
-  /// Whether characters of an unfinished group are waiting for more input.
-  public var hasPartialGroup: Bool { self.carried > 0 }
-
   /// Decodes as many whole groups as `input` completes, appending the bytes to `output`.
   public mutating func decode(_ input: ByteBuffer, into output: inout ByteBuffer) throws(Base64DecodeError) {
     output.reserveCapacity(minimumWritableBytes: (input.readableBytes + self.carried) / 4 * 3)

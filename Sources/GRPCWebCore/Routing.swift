@@ -76,8 +76,6 @@ public struct RouteTable: Sendable {
     return nil
   }
 
-  public func virtualHostName(_ index: Int) -> String { self.hosts[index].virtualHost.name }
-
   /// The first route of the matching virtual host that matches the request.
   public func match(authority: String, path: String, headers: HPACKHeaders, isGRPC: Bool) -> Entry? {
     guard let hostIndex = self.virtualHost(forAuthority: authority) else { return nil }

@@ -97,8 +97,6 @@ final class UpstreamConnection {
     self.onClose = onClose
   }
 
-  var activeStreams: Int { self.streams.count }
-
   // MARK: - Opening streams
 
   func openStream(for delegate: any UpstreamStreamDelegate, completion: @escaping Completion) {

@@ -51,10 +51,6 @@ final class LoopUpstreams {
     }
   }
 
-  func endpoints(ofCluster name: String) -> [HostAndPort] {
-    self.clusters[name]?.endpoints ?? []
-  }
-
   /// Opens an HTTP/2 stream for one call on the next endpoint of the cluster, round-robin per
   /// call: one client connection's calls spread over every endpoint.
   func openStream(
