@@ -315,6 +315,7 @@ private struct Reader {
       r.unsupported("host_rewrite_literal", "host_rewrite_literal is not supported yet and is ignored", into: self.sink)
       r.accept("auto_host_rewrite", "cluster_not_found_response_code")
       try r.finish(known: [], warnings: self.sink)
+      self.lintTimeouts(timeouts, at: routeNode)
     } else if let direct = m.optional("direct_response") {
       let d = try direct.mapping()
       let status = try d.required("status").int()
@@ -337,6 +338,42 @@ private struct Reader {
     m.accept("decorator", "metadata")
     try m.finish(known: [], warnings: self.sink)
     return Route(name: name, match: match, action: action, timeouts: timeouts, prefixRewrite: prefixRewrite, cors: cors)
+  }
+
+  /// The two timeout traps of gRPC routes (protocol doc T2, issues envoy#17697 and #10184).
+  func lintTimeouts(_ t: RouteTimeouts, at node: YAMLValue) {
+    let usesStreamDuration = t.maxStreamDuration != nil || t.grpcTimeoutHeaderMax != nil
+    if t.timeout == nil && !usesStreamDuration {
+      self.sink.add(node,
+        "this route keeps Envoy's default 15 s timeout: a server stream is cut off after 15 s and the browser sees a broken call. For gRPC set 'timeout: 0s' and bound calls with the client's grpc-timeout ('max_stream_duration: {grpc_timeout_header_max: 0s}')")
+    }
+    if t.maxGrpcTimeout == nil && t.grpcTimeoutHeaderMax == nil {
+      self.sink.add(node,
+        "clients' grpc-timeout deadlines are not enforced on this route: without max_grpc_timeout or max_stream_duration.grpc_timeout_header_max they are ignored, as in Envoy. Add 'max_stream_duration: {grpc_timeout_header_max: 0s}'")
+    }
+  }
+
+  /// CORS settings that make every gRPC-Web call fail in a browser, or its errors unreadable.
+  func lintCORS(_ policy: CORSPolicy, at m: YAMLMapping) {
+    func tokens(_ list: String?) -> Set<String> {
+      Set((list ?? "").lowercased().split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) })
+    }
+    let allow = tokens(policy.allowHeaders)
+    if policy.allowHeaders != nil, !allow.contains("*") {
+      let missing = ["x-grpc-web", "x-user-agent", "content-type"].filter { !allow.contains($0) }
+      if !missing.isEmpty {
+        self.sink.add(m.optional("allow_headers") ?? m.at,
+          "allow_headers lacks \(missing.joined(separator: ", ")): gRPC-Web clients send them, so the browser's preflight is refused and every call fails with a CORS error. Add them to allow_headers")
+      }
+    }
+    let expose = tokens(policy.exposeHeaders)
+    if !expose.contains("*") {
+      let missing = ["grpc-status", "grpc-message"].filter { !expose.contains($0) }
+      if !missing.isEmpty {
+        self.sink.add(m.optional("expose_headers") ?? m.at,
+          "expose_headers lacks \(missing.joined(separator: ", ")): browsers hide them from JavaScript, so errors sent as headers (trailers-only) reach the client without their status. Add them to expose_headers")
+      }
+    }
   }
 
   func routeMatch(_ node: YAMLValue) throws(ConfigError) -> RouteMatch {
@@ -461,6 +498,7 @@ private struct Reader {
     }
     m.unsupported("shadow_enabled", "shadow_enabled is not supported yet and is ignored", into: self.sink)
     try m.finish(known: [], warnings: self.sink)
+    self.lintCORS(policy, at: m)
     return policy
   }
 
@@ -490,6 +528,10 @@ private struct Reader {
     var type = Cluster.DiscoveryType.staticAddresses
     if let t = m.optional("type") {
       type = try t.enumeration(Cluster.DiscoveryType.self)
+      if type == .logicalDNS {
+        self.sink.add(t,
+          "LOGICAL_DNS uses one address of the name at a time: behind a Swarm service VIP or a Kubernetes Service every call goes to the replica that address reaches. To spread calls over every replica use STRICT_DNS on tasks.<service> (Swarm) or a headless Service (Kubernetes)")
+      }
     }
     if let t = m.optional("cluster_type") {
       throw t.error("custom cluster types are not supported; use STATIC, STRICT_DNS or LOGICAL_DNS")
@@ -506,6 +548,10 @@ private struct Reader {
         guard let value = options.optional(key) else { continue }
         if Self.mentionsHTTP2(value.node) { http2 = true }
       }
+    }
+    if !http2 {
+      self.sink.add(node,
+        "cluster '\(name)' has no HTTP/2 settings: Envoy would speak HTTP/1.1 to it and every gRPC call would fail. grpc-web-proxy uses HTTP/2 anyway; add 'http2_protocol_options: {}' so Envoy reads the file the same way")
     }
     var endpoints: [HostAndPort] = []
     for host in try m.optional("hosts")?.sequence() ?? [] {

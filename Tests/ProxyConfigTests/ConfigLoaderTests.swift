@@ -134,6 +134,55 @@ let sharedAvailable = FileManager.default.fileExists(atPath: sharedDirectory.app
     #expect(loaded.warnings.contains { $0.message.contains("no healthy upstream") })
   }
 
+  @Test func warnsAboutTheTrapsUsersFallInto() throws {
+    let yaml = """
+      static_resources:
+        listeners:
+        - address:
+            socket_address: { address: 127.0.0.1, port_value: 8080 }
+          filter_chains:
+          - filters:
+            - name: envoy.http_connection_manager
+              config:
+                route_config:
+                  virtual_hosts:
+                  - name: v
+                    domains: ["*"]
+                    routes:
+                    - match: { prefix: "/" }
+                      route: { cluster: backend }
+                    cors:
+                      allow_origin_string_match: [{ prefix: "*" }]
+                      allow_headers: content-type
+                      expose_headers: custom-header-1
+                http_filters:
+                - name: envoy.grpc_web
+                - name: envoy.cors
+                - name: envoy.router
+        clusters:
+        - name: backend
+          type: LOGICAL_DNS
+          hosts: [{ socket_address: { address: backend, port_value: 9000 } }]
+      """
+    let warnings = try ConfigLoader.load(yaml: yaml).warnings
+    func warning(_ path: String, _ text: String) -> ConfigWarning? {
+      warnings.first { $0.path == path && $0.message.contains(text) }
+    }
+    let route = "static_resources.listeners[0].filter_chains[0].filters[0].config.route_config.virtual_hosts[0].routes[0].route"
+    let cors = "static_resources.listeners[0].filter_chains[0].filters[0].config.route_config.virtual_hosts[0].cors"
+    #expect(warning(route, "default 15 s timeout")?.line == 15)
+    #expect(warning(route, "grpc-timeout deadlines are not enforced") != nil)
+    #expect(warning("\(cors).allow_headers", "x-grpc-web, x-user-agent")?.line == 18)
+    #expect(warning("\(cors).expose_headers", "grpc-status, grpc-message")?.line == 19)
+    #expect(warning("static_resources.clusters[0].type", "STRICT_DNS on tasks.<service>")?.line == 26)
+    #expect(warning("static_resources.clusters[0]", "no HTTP/2 settings") != nil)
+  }
+
+  @Test func aWellWrittenConfigGetsNoTrapWarnings() throws {
+    let warnings = try ConfigLoader.load(yaml: EmbeddedDefault.yaml(listenHost: "127.0.0.1", listenPort: 8080, backendPort: 1)).warnings
+    #expect(warnings.isEmpty, "\(warnings)")
+  }
+
   @Test func embeddedDefaultLoads() throws {
     let config = try ConfigLoader.load(yaml: EmbeddedDefault.yaml(listenHost: "127.0.0.1", listenPort: 8080, backendPort: 1234)).configuration
     #expect(config.clusters[0].endpoints == [HostAndPort(host: "127.0.0.1", port: 1234)])

@@ -82,3 +82,16 @@ def test_seed_stack_config_runs_with_its_placeholder_filled(replica):
         assert r.status == 504 and r.grpc_status == 14
     finally:
         proxy.stop()
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason="../shared/envoy-corpus is not beside the checkout")
+def test_validate_mode_passes_the_echo_config_and_names_its_traps():
+    import subprocess
+    from conftest import PROXY_BIN
+    path = CORPUS / "01-grpc-grpc-web-echo-v3.yaml"
+    out = subprocess.run([str(PROXY_BIN), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "configuration" in out.stdout and "OK" in out.stdout
+    # The echo example resolves its backend with LOGICAL_DNS: one replica per connection.
+    assert "static_resources.clusters[0].type" in out.stderr and "STRICT_DNS on tasks.<service>" in out.stderr
+    assert "line 50" in out.stderr
