@@ -79,6 +79,10 @@ public enum CallFailure: Sendable, Hashable {
   case responseFrameTooLarge(length: Int, limit: Int)
   /// A truncated frame at the end of a text-mode response.
   case truncatedResponse
+  /// The cluster has no endpoint to send the call to.
+  case noHealthyUpstream
+  /// A `grpc-web-text` request body that is not valid base64.
+  case invalidRequestBody
 }
 
 /// Translates one upstream (native gRPC over HTTP/2) response into what the downstream client
@@ -159,6 +163,13 @@ public struct ResponseTranslator: Sendable {
 
   // MARK: - Events
 
+  /// An upstream HEADERS frame: the response head, a 1xx to skip, or the trailers.
+  public mutating func receiveHeaders(_ headers: HPACKHeaders, endStream: Bool) -> Output {
+    guard case .awaitingHead = self.state else { return self.receiveTrailers(headers) }
+    if !endStream, headers.first(name: ":status")?.hasPrefix("1") ?? false { return .nothing }
+    return self.receiveHead(headers, endStream: endStream)
+  }
+
   public mutating func receiveHead(_ headers: HPACKHeaders, endStream: Bool) -> Output {
     guard case .awaitingHead = self.state else { return .nothing }
     let status = headers.first(name: ":status").flatMap { Int($0) } ?? 502
@@ -212,14 +223,14 @@ public struct ResponseTranslator: Sendable {
       } catch {
         self.state = .streaming(textFrames: frames)
         var output = self.fail(.responseFrameTooLarge(length: error.length, limit: error.limit))
-        if let out { output.body = Self.concat(out, output.body, allocator: self.allocator) }
+        if let out { output.body = Self.concat(out, output.body) }
         return output
       }
       if endStream {
         self.state = .streaming(textFrames: frames)
         if frames.hasPartialFrame {
           var output = self.fail(.truncatedResponse)
-          if let out { output.body = Self.concat(out, output.body, allocator: self.allocator) }
+          if let out { output.body = Self.concat(out, output.body) }
           return output
         }
         self.state = .finished
@@ -360,6 +371,11 @@ public struct ResponseTranslator: Sendable {
       return (502, 8, "response message of \(length) bytes exceeds the proxy's text-mode limit of \(limit) bytes")
     case .truncatedResponse:
       return (502, 13, "upstream response ended inside a message")
+    case .noHealthyUpstream:
+      return (503, 14, "no healthy upstream")
+    case .invalidRequestBody:
+      // Envoy's grpc_web local reply, shaped for gRPC-Web (protocol doc L5).
+      return (400, 13, "Bad gRPC-web request, invalid base64 data.")
     }
   }
 
@@ -377,28 +393,17 @@ public struct ResponseTranslator: Sendable {
     return out
   }
 
+  /// `application/grpc-web` or `application/grpc-web+proto`, any case, parameters allowed.
   private static func isGRPCWebContentType(_ value: String) -> Bool {
-    let lower = value.lowercased()
-    let base = lower.split(separator: ";", maxSplits: 1).first.map { $0.trimmingCharacters(in: .whitespaces) } ?? ""
-    return base == "application/grpc-web" || base == "application/grpc-web+proto"
+    let base = value.utf8.prefix { $0 != UInt8(ascii: ";") }.filter { $0 != UInt8(ascii: " ") && $0 != UInt8(ascii: "\t") }
+    let lower = base.map { $0 >= 65 && $0 <= 90 ? $0 + 32 : $0 }
+    return lower.elementsEqual("application/grpc-web".utf8) || lower.elementsEqual("application/grpc-web+proto".utf8)
   }
 
-  private static func concat(_ a: ByteBuffer, _ b: ByteBuffer?, allocator: ByteBufferAllocator) -> ByteBuffer {
+  private static func concat(_ a: ByteBuffer, _ b: ByteBuffer?) -> ByteBuffer {
     guard let b else { return a }
     var a = a
     a.writeImmutableBuffer(b)
     return a
   }
 }
-
-extension String {
-  fileprivate func trimmingCharacters(in set: TrimSet) -> String {
-    String(self.drop { $0 == " " || $0 == "\t" }.reversed().drop { $0 == " " || $0 == "\t" }.reversed())
-  }
-}
-
-extension Substring {
-  fileprivate func trimmingCharacters(in set: TrimSet) -> String { String(self).trimmingCharacters(in: set) }
-}
-
-fileprivate enum TrimSet { case whitespaces }

@@ -191,6 +191,31 @@ import Testing
     #expect(t.isFinished)
   }
 
+  @Test func headersAreHeadThenTrailersAndInformationalOnesAreSkipped() throws {
+    var t = ResponseTranslator(kind: .grpcWeb(requestText: false, responseText: false))
+    #expect(t.receiveHeaders([":status": "100"], endStream: false).head == nil)
+    #expect(try #require(t.receiveHeaders(self.okHead, endStream: false).head).status == 200)
+    let end = t.receiveHeaders(["grpc-status": "0"], endStream: true)
+    #expect(end.head == nil)
+    #expect(end.body.map { $0.getInteger(at: $0.readerIndex, as: UInt8.self) } == 0x80)
+  }
+
+  @Test func badRequestBodyIsA400BeforeTheHeadAndATrailerFrameAfterIt() throws {
+    var early = ResponseTranslator(kind: .grpcWeb(requestText: true, responseText: false))
+    let reply = try #require(early.fail(.invalidRequestBody).head)
+    #expect(reply.status == 400)
+    #expect(reply.headers.first(name: "grpc-status") == "13")
+    #expect(reply.headers.first(name: "grpc-message") == "Bad gRPC-web request, invalid base64 data.")
+
+    // The backend may answer before the client has sent all of its body: no second head then.
+    var late = ResponseTranslator(kind: .grpcWeb(requestText: true, responseText: false))
+    _ = late.receiveHead(self.okHead, endStream: false)
+    let out = late.fail(.invalidRequestBody)
+    #expect(out.head == nil)
+    let body = try #require(out.body)
+    #expect(String(buffer: body.getSlice(at: 5, length: body.readableBytes - 5)!).hasPrefix("grpc-status:13\r\n"))
+  }
+
   @Test func textResponseEndingInsideAFrameIsReported() throws {
     var t = ResponseTranslator(kind: .grpcWeb(requestText: false, responseText: true))
     _ = t.receiveHead(self.okHead, endStream: false)

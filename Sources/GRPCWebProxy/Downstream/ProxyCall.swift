@@ -66,7 +66,6 @@ final class ProxyCall: UpstreamStreamDelegate {
   private var corsHeaders: HPACKHeaders?
   private var deadline: DeadlinePlan?
   private var deadlineTask: Scheduled<Void>?
-  private var upstreamReadPaused = false
   /// The upstream sent END_STREAM. With the request also ended, the stream is closed and must
   /// not be reset: servers count resets of finished streams as an attack (rapid reset) and drop
   /// the connection.
@@ -110,8 +109,8 @@ final class ProxyCall: UpstreamStreamDelegate {
       case .none:
         break
       case .preflight(let cors):
-        self.request = endStream ? .complete : .rejected
-        self.finishLocally(ResponseTranslator.Output(head: ResponseHead(status: 200, headers: cors), end: .clean(trailers: nil)))
+        self.translator.markFinished()
+        self.reject(ResponseTranslator.Output(head: ResponseHead(status: 200, headers: cors), end: .clean(trailers: nil)), endStream: endStream)
         return
       case .forward(let responseHeaders):
         if !responseHeaders.isEmpty { self.corsHeaders = responseHeaders }
@@ -149,10 +148,9 @@ final class ProxyCall: UpstreamStreamDelegate {
   }
 
   func receiveBody(_ buffer: ByteBuffer) {
-    guard case .forwarding(var decoder) = self.request else { return }
+    guard case .forwarding(let decoder) = self.request else { return }
     var payload = buffer
     if var text = decoder {
-      self.request = .complete  // placeholder while the decoder is mutated
       var decoded = self.allocator.buffer(capacity: buffer.readableBytes / 4 * 3 + 3)
       do {
         try text.decode(buffer, into: &decoded)
@@ -160,8 +158,7 @@ final class ProxyCall: UpstreamStreamDelegate {
         self.badBase64(error)
         return
       }
-      decoder = text
-      self.request = .forwarding(decoder: decoder)
+      self.request = .forwarding(decoder: text)
       guard decoded.readableBytes > 0 else { return }
       payload = decoded
     }
@@ -204,11 +201,8 @@ final class ProxyCall: UpstreamStreamDelegate {
   }
 
   func downstreamWritabilityChanged(_ writable: Bool) {
-    guard case .open(let stream) = self.upstream else { return }
-    if writable && self.upstreamReadPaused {
-      self.upstreamReadPaused = false
-      stream.setPaused(false)
-    }
+    guard writable, case .open(let stream) = self.upstream else { return }
+    stream.setPaused(false)
   }
 
   // MARK: - Upstream events
@@ -226,38 +220,20 @@ final class ProxyCall: UpstreamStreamDelegate {
     case .failure(let error):
       self.upstream = .closed
       self.runtime.logger.debug("no upstream stream", metadata: ["reason": "\(error.reason)"])
-      if error.noHealthyUpstream {
-        let out = self.translator.localReply(httpStatus: 503, grpcStatus: 14, message: "no healthy upstream")
-        self.apply(out)
-      } else {
-        self.apply(self.translator.fail(.upstreamReset(reason: error.reason)))
-      }
+      self.apply(self.translator.fail(error.noHealthyUpstream ? .noHealthyUpstream : .upstreamReset(reason: error.reason)))
     }
   }
 
   func upstreamHeaders(_ headers: HPACKHeaders, endStream: Bool) {
     if endStream { self.upstreamEnded = true }
-    if !self.translator.headSent, !self.translator.isFinished, headers.first(name: ":status").map({ $0.hasPrefix("1") }) ?? false {
-      return  // 1xx informational
-    }
-    let out: ResponseTranslator.Output
-    if self.translator.headSent || self.sawUpstreamHead {
-      out = self.translator.receiveTrailers(headers)
-    } else {
-      self.sawUpstreamHead = true
-      out = self.translator.receiveHead(headers, endStream: endStream)
-    }
-    self.apply(out)
+    self.apply(self.translator.receiveHeaders(headers, endStream: endStream))
   }
-
-  private var sawUpstreamHead = false
 
   func upstreamData(_ data: ByteBuffer, endStream: Bool) {
     if endStream { self.upstreamEnded = true }
     self.apply(self.translator.receiveData(data, endStream: endStream))
     if let downstream = self.downstream, !downstream.isWritable, case .open(let stream) = self.upstream {
       // The client is not keeping up: stop giving the backend window for this stream.
-      self.upstreamReadPaused = true
       stream.setPaused(true)
     }
   }
@@ -294,18 +270,12 @@ final class ProxyCall: UpstreamStreamDelegate {
   private func badBase64(_ error: Base64DecodeError) {
     self.runtime.logger.debug("bad grpc-web-text request body", metadata: ["detail": "\(error.detail)"])
     self.request = .rejected
-    self.apply(self.translator.localReply(httpStatus: 400, grpcStatus: 13, message: "Bad gRPC-web request, invalid base64 data."))
+    self.apply(self.translator.fail(.invalidRequestBody))
   }
 
   private func reject(_ output: ResponseTranslator.Output, endStream: Bool) {
     self.request = endStream ? .complete : .rejected
     self.apply(output)
-  }
-
-  private func finishLocally(_ output: ResponseTranslator.Output) {
-    self.translator.markFinished()
-    self.write(output, addCORS: false)
-    self.cleanUp()
   }
 
   private func startDeadline() {
@@ -323,14 +293,14 @@ final class ProxyCall: UpstreamStreamDelegate {
   }
 
   private func apply(_ output: ResponseTranslator.Output) {
-    self.write(output, addCORS: true)
+    self.write(output)
     if output.end != nil { self.cleanUp() }
   }
 
-  private func write(_ output: ResponseTranslator.Output, addCORS: Bool) {
+  private func write(_ output: ResponseTranslator.Output) {
     guard let downstream = self.downstream else { return }
     if var head = output.head {
-      if addCORS, let cors = self.corsHeaders {
+      if let cors = self.corsHeaders {
         for (name, value, _) in cors { head.headers.replaceOrAdd(name: name, value: value) }
       }
       let headOnly = output.body == nil && Self.isPlainEnd(output.end)

@@ -374,10 +374,6 @@ final class UpstreamFrameHandler: ChannelInboundHandler {
     context.fireChannelActive()
   }
 
-  func handlerAdded(context: ChannelHandlerContext) {
-    if context.channel.isActive { self.connection.connected(context) }
-  }
-
   func channelRead(context: ChannelHandlerContext, data: NIOAny) {
     self.connection.received(self.unwrapInboundIn(data), context: context)
   }
