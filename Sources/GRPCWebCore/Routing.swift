@@ -61,7 +61,7 @@ public struct RouteTable: Sendable {
   /// The virtual host for an authority: exact, then `*.suffix`, then `prefix*`, then `*`; with
   /// the port, then without it.
   public func virtualHost(forAuthority authority: String) -> Int? {
-    let host = authority.lowercased()
+    let host = authority.utf8.contains(where: { $0 >= 65 && $0 <= 90 }) ? authority.lowercased() : authority
     if let i = self.lookup(host) { return i }
     if let colon = host.lastIndex(of: ":"), !host.hasSuffix("]"), let i = self.lookup(String(host[..<colon])) {
       return i
@@ -79,7 +79,7 @@ public struct RouteTable: Sendable {
   /// The first route of the matching virtual host that matches the request.
   public func match(authority: String, path: String, headers: HPACKHeaders, isGRPC: Bool) -> Entry? {
     guard let hostIndex = self.virtualHost(forAuthority: authority) else { return nil }
-    let pathOnly = path.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? path
+    let pathOnly = path.firstIndex(of: "?").map { String(path[..<$0]) } ?? path
     for entry in self.hosts[hostIndex].entries where Self.matches(entry, path: pathOnly, headers: headers, isGRPC: isGRPC) {
       return entry
     }

@@ -40,7 +40,8 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream {
       headers.add(name: ":authority", value: head.headers.first(name: "host") ?? "")
       headers.add(name: ":scheme", value: "http")
       for (name, value) in head.headers {
-        headers.add(name: name.lowercased(), value: value)
+        // HTTP/2 and HPACK want lower-case names; most clients already send them.
+        headers.add(name: name.utf8.contains(where: { $0 >= 65 && $0 <= 90 }) ? name.lowercased() : name, value: value)
       }
       let call = ProxyCall(runtime: self.runtime, eventLoop: context.eventLoop, allocator: context.channel.allocator, downstream: self)
       self.call = call
