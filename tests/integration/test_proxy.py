@@ -544,3 +544,36 @@ def test_early_reply_on_http2_stops_the_client_sending_and_the_connection_serves
         assert r.grpc_status == 0
     finally:
         c.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_slow_client_gets_every_byte_of_a_large_stream(proxy, mode):
+    """20 messages of 512 KiB, far more than socket buffers hold: while the client does not
+    read, the proxy stops giving the backend window; when it reads again, the stream resumes."""
+    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=20)
+    text = mode == "text"
+    body = base64.b64encode(frame(echo_req("big", count=20, pad_bytes=512 * 1024))) if text else frame(echo_req("big", count=20, pad_bytes=512 * 1024))
+    ctype = "application/grpc-web-text" if text else "application/grpc-web+proto"
+    accept = "accept: application/grpc-web-text\r\n" if text else ""
+    s.sendall(f"POST /demo.Echo/ServerStream HTTP/1.1\r\nhost: x\r\ncontent-type: {ctype}\r\n{accept}"
+              f"content-length: {len(body)}\r\n\r\n".encode() + body)
+    time.sleep(2)
+    data = b""
+    while not data.endswith(b"\r\n0\r\n\r\n"):
+        chunk = s.recv(1 << 20)
+        assert chunk, "connection closed before the stream ended"
+        data += chunk
+    s.close()
+    head, _, chunked = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    payload, rest = b"", chunked
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        payload, rest = payload + rest[:size], rest[size + 2:]
+    r = Reply(200, {}, payload, text=text)
+    assert len(r.messages) == 20
+    assert all(len(pb_decode(m)[4]) == 512 * 1024 for m in r.messages)
+    assert r.grpc_status == 0
