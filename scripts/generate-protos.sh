@@ -12,7 +12,7 @@ tmp=$(mktemp -d)
 protoc --plugin=protoc-gen-swift="$PROTOC_GEN_SWIFT" --plugin=protoc-gen-grpc-swift-2="$PROTOC_GEN_GRPC_SWIFT" \
   -I Protos --swift_out="$tmp" --swift_opt=Visibility=Public \
   --grpc-swift-2_out="$tmp" --grpc-swift-2_opt=Visibility=Public,Client=true,Server=true \
-  Protos/demo/user.proto Protos/demo/echo.proto
+  Protos/demo/user.proto Protos/demo/echo.proto Protos/grpc/health/v1/health.proto
 mkdir -p "$out"
-cp "$tmp"/demo/*.swift "$out"/
+cp "$tmp"/demo/*.swift "$tmp"/grpc/health/v1/*.swift "$out"/
 rm -rf "$tmp"

@@ -1,33 +1,50 @@
 import GRPCCore
 import GRPCNIOTransportHTTP2
 
-/// Runs the example backend: `demo.User` and `demo.Echo` on one plaintext HTTP/2 port.
-public enum BackendServer {
-  /// Serves until the task is cancelled. `onListening` gets the bound port (useful with port 0).
+/// The example backend: `demo.User`, `demo.Echo` and `grpc.health.v1` on one plaintext HTTP/2
+/// port.
+public final class BackendServer: Sendable {
+  public let health = HealthState()
+  private let server: GRPCServer<HTTP2ServerTransport.Posix>
+  private let transport: HTTP2ServerTransport.Posix
+
+  public init(host: String, port: Int, replica: String?) {
+    self.transport = HTTP2ServerTransport.Posix(
+      address: .ipv4(host: host, port: port),
+      transportSecurity: .plaintext
+    )
+    let name = replica ?? "\(host):\(port)"
+    self.server = GRPCServer(
+      transport: self.transport,
+      services: [UserService(replica: name), EchoService(replica: name), HealthService(health: self.health)]
+    )
+  }
+
+  /// Serves until shut down or cancelled. `onListening` gets the bound port (useful with port 0).
+  public func run(onListening: @Sendable (Int) async -> Void = { _ in }) async throws {
+    try await withThrowingDiscardingTaskGroup { group in
+      group.addTask { try await self.server.serve() }
+      guard let address = try await self.transport.listeningAddress.ipv4 else {
+        self.server.beginGracefulShutdown()
+        return
+      }
+      await onListening(address.port)
+    }
+  }
+
+  /// Reports NOT_SERVING, stops taking calls and lets the running ones finish; `run` then returns.
+  public func beginGracefulShutdown() {
+    self.health.set(serving: false)
+    self.server.beginGracefulShutdown()
+  }
+
+  /// Serves until the task is cancelled.
   public static func run(
     host: String,
     port: Int,
     replica: String?,
     onListening: @Sendable (Int) async -> Void = { _ in }
   ) async throws {
-    let transport = HTTP2ServerTransport.Posix(
-      address: .ipv4(host: host, port: port),
-      transportSecurity: .plaintext
-    )
-    let server = GRPCServer(
-      transport: transport,
-      services: [
-        UserService(replica: replica ?? "\(host):\(port)"),
-        EchoService(replica: replica ?? "\(host):\(port)"),
-      ]
-    )
-    try await withThrowingDiscardingTaskGroup { group in
-      group.addTask { try await server.serve() }
-      guard let address = try await transport.listeningAddress.ipv4 else {
-        server.beginGracefulShutdown()
-        return
-      }
-      await onListening(address.port)
-    }
+    try await BackendServer(host: host, port: port, replica: replica).run(onListening: onListening)
   }
 }
