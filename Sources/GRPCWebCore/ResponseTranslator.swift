@@ -83,6 +83,8 @@ public enum CallFailure: Sendable, Hashable {
   case noHealthyUpstream
   /// A `grpc-web-text` request body that is not valid base64.
   case invalidRequestBody
+  /// The proxy is stopping and its drain time is over.
+  case shuttingDown
 }
 
 /// Translates one upstream (native gRPC over HTTP/2) response into what the downstream client
@@ -376,6 +378,8 @@ public struct ResponseTranslator: Sendable {
     case .invalidRequestBody:
       // Envoy's grpc_web local reply, shaped for gRPC-Web (protocol doc L5).
       return (400, 13, "Bad gRPC-web request, invalid base64 data.")
+    case .shuttingDown:
+      return (503, 14, "proxy shutting down")
     }
   }
 

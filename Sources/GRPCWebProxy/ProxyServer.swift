@@ -20,8 +20,15 @@ public struct ProxyError: Error, CustomStringConvertible {
   public var description: String { self.message }
 }
 
-/// The proxy as a service: binds every listener, keeps cluster endpoints fresh, and on graceful
-/// shutdown stops accepting connections.
+/// The proxy as a service: binds every listener and the admin port, keeps cluster endpoints
+/// fresh, and on graceful shutdown drains:
+///
+/// ```
+///   serving ──SIGTERM──▶ draining: /ready 503, listeners closed, GOAWAY / `connection: close`,
+///                        calls in progress go on
+///           ──all calls ended, or drain time over──▶ calls still open end with grpc-status 14
+///           ──▶ connections and upstreams closed, run() returns
+/// ```
 public final class ProxyServer: Service {
   /// The most a text-mode response frame may hold while it is base64-encoded (Envoy holds any
   /// size; a bound keeps one call from taking the proxy's memory).
@@ -31,22 +38,32 @@ public final class ProxyServer: Service {
   private let group: MultiThreadedEventLoopGroup
   private let logger: Logger
   private let onListening: @Sendable ([BoundListener]) async -> Void
+  private let drainTime: Duration
+  /// Draining and endpoint health, as the admin port reports them.
+  public let status = ProxyStatus()
 
+  /// - Parameters:
+  ///   - drainTime: on graceful shutdown, how long calls in progress may go on before those still
+  ///     open are ended with `grpc-status: 14`.
+  ///   - onListening: called with the bound listeners (the admin port last, named "admin").
   public init(
     configuration: ProxyConfiguration,
     group: MultiThreadedEventLoopGroup,
     logger: Logger,
+    drainTime: Duration = .seconds(5),
     onListening: @escaping @Sendable ([BoundListener]) async -> Void = { _ in }
   ) {
     self.configuration = configuration
     self.group = group
     self.logger = logger
+    self.drainTime = drainTime
     self.onListening = onListening
   }
 
-  /// Per event loop: the upstream pools and one runtime per listener.
+  /// Per event loop: the upstream pools, the downstream connections and one runtime per listener.
   private struct LoopState {
     let upstreams: LoopUpstreams
+    let connections: LoopConnections
     let listeners: [ListenerRuntime]
   }
 
@@ -58,11 +75,12 @@ public final class ProxyServer: Service {
     for loop in self.group.makeIterator() {
       let state = try await loop.submit {
         let upstreams = LoopUpstreams(eventLoop: loop, clusters: config.clusters, logger: logger)
+        let connections = LoopConnections()
         let listeners = zip(config.listeners, routeTables).map {
-          ListenerRuntime(listener: $0, routes: $1, upstreams: upstreams, logger: logger,
+          ListenerRuntime(listener: $0, routes: $1, upstreams: upstreams, connections: connections, logger: logger,
             maxTextFrameSize: Self.defaultMaxTextFrameSize)
         }
-        return NIOLoopBound(LoopState(upstreams: upstreams, listeners: listeners), eventLoop: loop)
+        return NIOLoopBound(LoopState(upstreams: upstreams, connections: connections, listeners: listeners), eventLoop: loop)
       }.get()
       registry[ObjectIdentifier(loop)] = state
     }
@@ -77,7 +95,7 @@ public final class ProxyServer: Service {
     for cluster in config.clusters {
       let endpoints = initial[cluster.name] ?? []
       logger.info("cluster '\(cluster.name)': \(endpoints.isEmpty ? "no endpoints yet" : endpoints.map(\.description).joined(separator: ", "))")
-      Self.publish(endpoints, cluster: cluster.name, to: loops)
+      self.publish(endpoints, cluster: cluster.name, to: loops)
     }
 
     var channels: [any Channel] = []
@@ -89,6 +107,13 @@ public final class ProxyServer: Service {
         let port = channel.localAddress?.port ?? listener.address.port
         bound.append(BoundListener(name: listener.name, host: listener.address.host, port: port))
         logger.info("listener '\(listener.name)' on \(listener.address.host):\(port) (\(listener.codec.rawValue.lowercased()))")
+      }
+      if let address = config.admin?.address {
+        let channel = try await self.bindAdmin(address)
+        channels.append(channel)
+        let port = channel.localAddress?.port ?? address.port
+        bound.append(BoundListener(name: "admin", host: address.host, port: port))
+        logger.info("admin on \(address.host):\(port) (GET /ready, /clusters)")
       }
     } catch {
       for channel in channels { try? await channel.close() }
@@ -113,7 +138,7 @@ public final class ProxyServer: Service {
             if endpoints != last {
               logger.info("cluster '\(cluster.name)': endpoints now \(endpoints.map(\.description).joined(separator: ", "))")
               last = endpoints
-              Self.publish(endpoints, cluster: cluster.name, to: loops)
+              self.publish(endpoints, cluster: cluster.name, to: loops)
             }
           }
         }
@@ -122,14 +147,49 @@ public final class ProxyServer: Service {
       group.cancelAll()
     }
 
-    logger.info("shutting down: closing listeners")
+    // Draining. The admin port stays open (it is the last channel) so /ready can say so.
+    self.status.setDraining()
+    logger.info("draining: /ready is 503, listeners closed; calls in progress get up to \(self.drainTime)")
+    for channel in channels.dropLast(config.admin?.address == nil ? 0 : 1) { try? await channel.close() }
+    for (_, state) in loops {
+      try? await state.eventLoop.submit { state.value.connections.startDrain() }.get()
+    }
+    let clock = ContinuousClock()
+    var open = await Self.openConnections(loops)
+    let deadline = clock.now.advanced(by: self.drainTime)
+    while open > 0, clock.now < deadline, !Task.isCancelled {
+      // Cancelled (a second signal): skip the wait, but still end each call with a status.
+      try? await Task.sleep(for: .milliseconds(20))
+      open = await Self.openConnections(loops)
+    }
+    if open > 0 {
+      logger.info("drain time over: ending the calls still open on \(open) connections with grpc-status 14")
+      for (_, state) in loops {
+        try? await state.eventLoop.submit { state.value.connections.endCalls(.shuttingDown) }.get()
+      }
+      let grace = clock.now.advanced(by: .seconds(1))
+      while open > 0, clock.now < grace {
+        try? await Task.sleep(for: .milliseconds(20))
+        open = await Self.openConnections(loops)
+      }
+    }
+    logger.info("stopped")
     for channel in channels { try? await channel.close() }
     for (_, state) in loops {
       try? await state.eventLoop.submit { state.value.upstreams.closeAll() }.get()
     }
   }
 
-  private static func publish(_ endpoints: [HostAndPort], cluster: String, to loops: [ObjectIdentifier: NIOLoopBound<LoopState>]) {
+  private static func openConnections(_ loops: [ObjectIdentifier: NIOLoopBound<LoopState>]) async -> Int {
+    var total = 0
+    for (_, state) in loops {
+      total += (try? await state.eventLoop.submit { state.value.connections.count }.get()) ?? 0
+    }
+    return total
+  }
+
+  private func publish(_ endpoints: [HostAndPort], cluster: String, to loops: [ObjectIdentifier: NIOLoopBound<LoopState>]) {
+    self.status.setEndpoints(endpoints.map { .init(address: $0, healthy: true) }, cluster: cluster)
     for (_, state) in loops {
       state.eventLoop.execute {
         state.value.upstreams.setEndpoints(endpoints, forCluster: cluster)
@@ -170,6 +230,23 @@ public final class ProxyServer: Service {
       return try await bootstrap.bind(host: listener.address.host, port: listener.address.port).get()
     } catch {
       throw ProxyError(message: "listener '\(listener.name)': cannot listen on \(listener.address): \(error)")
+    }
+  }
+
+  private func bindAdmin(_ address: HostAndPort) async throws -> any Channel {
+    let status = self.status
+    let bootstrap = ServerBootstrap(group: self.group)
+      .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+      .childChannelInitializer { channel in
+        channel.eventLoop.makeCompletedFuture {
+          try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+          try channel.pipeline.syncOperations.addHandler(AdminHandler(status: status))
+        }
+      }
+    do {
+      return try await bootstrap.bind(host: address.host, port: address.port).get()
+    } catch {
+      throw ProxyError(message: "admin: cannot listen on \(address): \(error)")
     }
   }
 

@@ -2,12 +2,14 @@
 /// the in-process User service, written as the Envoy YAML a user would write, so that
 /// `grpc-web-proxy --print-default-config` is a starting point for their own file.
 public enum EmbeddedDefault {
-  public static func yaml(listenHost: String, listenPort: Int, backendPort: Int) -> String {
+  public static func yaml(
+    listenHost: String, listenPort: Int, backendPort: Int, adminHost: String = "127.0.0.1", adminPort: Int = 9901
+  ) -> String {
     """
     # grpc-web-proxy's embedded default: browsers on \(listenHost):\(listenPort), the User service behind it.
     admin:
       address:
-        socket_address: { address: 127.0.0.1, port_value: 9901 }
+        socket_address: { address: \(adminHost), port_value: \(adminPort) }
     static_resources:
       listeners:
       - name: grpc_web

@@ -41,6 +41,15 @@ struct GRPCWebProxyCommand: AsyncParsableCommand {
   @Option(name: .long, help: "Embedded default only: the address the proxy listens on.")
   var listen: String = "127.0.0.1:8080"
 
+  @Option(name: .long, help: "Embedded default only: the admin address (GET /ready, /clusters).")
+  var adminListen: String = "127.0.0.1:9901"
+
+  @Option(name: .customLong("drain-time-s"), help: "On SIGTERM or SIGINT: seconds calls in progress may go on (while /ready answers 503 and no connection is accepted) before those still open end with grpc-status 14 \"proxy shutting down\".")
+  var drainTimeSeconds: Double = 5
+
+  @Option(name: .long, help: "Do not serve: GET http://HOST:PORT/ready and exit 0 if it answers 200 (a container health check).")
+  var probeReady: String?
+
   @Flag(name: .long, help: "Print the embedded default configuration and exit.")
   var printDefaultConfig = false
 
@@ -55,10 +64,22 @@ struct GRPCWebProxyCommand: AsyncParsableCommand {
       return handler
     }
     let logger = Logger(label: "grpc-web-proxy")
-    let (listenHost, listenPort) = try Self.parseListen(self.listen)
+    if let target = self.probeReady {
+      let (host, port) = try Self.parseListen(target, option: "--probe-ready")
+      let (ok, text) = await ReadyProbe.get(host: host, port: port)
+      print(text)
+      if !ok { throw ExitCode(1) }
+      return
+    }
+    let (listenHost, listenPort) = try Self.parseListen(self.listen, option: "--listen")
+    let admin = try Self.parseListen(self.adminListen, option: "--admin-listen")
+    let defaultConfig = { (backendPort: Int) in
+      EmbeddedDefault.yaml(listenHost: listenHost, listenPort: listenPort, backendPort: backendPort,
+        adminHost: admin.0, adminPort: admin.1)
+    }
 
     if self.printDefaultConfig {
-      print(EmbeddedDefault.yaml(listenHost: listenHost, listenPort: listenPort, backendPort: 50051))
+      print(defaultConfig(50051))
       return
     }
 
@@ -94,7 +115,7 @@ struct GRPCWebProxyCommand: AsyncParsableCommand {
       }
       var iterator = portStream.makeAsyncIterator()
       guard let backendPort = await iterator.next() else { throw ExitCode(1) }
-      let yaml = EmbeddedDefault.yaml(listenHost: listenHost, listenPort: listenPort, backendPort: backendPort)
+      let yaml = defaultConfig(backendPort)
       let loaded = try ConfigLoader.load(yaml: yaml)
       try await self.serve(loaded.configuration, logger: logger, backend: backendPort)
       group.cancelAll()
@@ -104,7 +125,11 @@ struct GRPCWebProxyCommand: AsyncParsableCommand {
   private func serve(_ configuration: ProxyConfiguration, logger: Logger, backend: Int?) async throws {
     let threads = self.concurrency ?? System.coreCount
     let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, threads))
-    let server = ProxyServer(configuration: configuration, group: group, logger: logger) { listeners in
+    guard self.drainTimeSeconds >= 0, self.drainTimeSeconds.isFinite else {
+      throw ValidationError("--drain-time-s takes a number of seconds, 0 or more")
+    }
+    let drainTime = Duration.milliseconds(Int64(self.drainTimeSeconds * 1000))
+    let server = ProxyServer(configuration: configuration, group: group, logger: logger, drainTime: drainTime) { listeners in
       guard backend != nil, let first = listeners.first else { return }
       Self.printWelcome(host: first.host, port: first.port)
     }
@@ -121,9 +146,9 @@ struct GRPCWebProxyCommand: AsyncParsableCommand {
     try await group.shutdownGracefully()
   }
 
-  private static func parseListen(_ text: String) throws -> (String, Int) {
+  private static func parseListen(_ text: String, option: String) throws -> (String, Int) {
     guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]) else {
-      throw ValidationError("--listen takes HOST:PORT, e.g. 127.0.0.1:8080")
+      throw ValidationError("\(option) takes HOST:PORT, e.g. 127.0.0.1:8080")
     }
     return (String(text[..<colon]), port)
   }

@@ -219,6 +219,7 @@ class HTTP2:
         self.sock.sendall(self.conn.data_to_send())
         self.streams = {}
         self.timeout = timeout
+        self.goaway = None
 
     def start(self, path, headers, body=b"", end=True, method="POST"):
         sid = self.conn.get_next_available_stream_id()
@@ -260,6 +261,8 @@ class HTTP2:
                 elif isinstance(event, h2.events.StreamReset):
                     s["reset"] = event.error_code
                     s["ended"] = True
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    self.goaway = event
             self.sock.sendall(self.conn.data_to_send())
 
     def finish(self, sid):

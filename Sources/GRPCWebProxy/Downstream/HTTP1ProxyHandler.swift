@@ -5,7 +5,7 @@ import NIOHTTP1
 
 /// Serves an HTTP/1.1 connection: one call at a time (NIO's pipelining handler holds the next
 /// request until the current response has ended), with keep-alive.
-final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream {
+final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream, DrainableConnection {
   typealias InboundIn = HTTPServerRequestPart
   typealias OutboundOut = HTTPServerResponsePart
 
@@ -14,7 +14,9 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream {
   private var flushScheduled = false
   private var context: ChannelHandlerContext?
   private var keepAlive = true
-  private var responseEnded = false
+  private var responseEnded = true
+  /// The proxy is stopping: the current response is the connection's last.
+  private var draining = false
 
   init(runtime: ListenerRuntime) {
     self.runtime = runtime
@@ -22,16 +24,18 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream {
 
   func handlerAdded(context: ChannelHandlerContext) {
     self.context = context
+    self.runtime.connections.add(self)
   }
 
   func handlerRemoved(context: ChannelHandlerContext) {
     self.context = nil
+    self.runtime.connections.remove(self)
   }
 
   func channelRead(context: ChannelHandlerContext, data: NIOAny) {
     switch self.unwrapInboundIn(data) {
     case .head(let head):
-      self.keepAlive = head.isKeepAlive
+      self.keepAlive = head.isKeepAlive && !self.draining
       self.responseEnded = false
       var headers = HPACKHeaders()
       headers.reserveCapacity(head.headers.count + 4)
@@ -60,6 +64,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream {
   func channelInactive(context: ChannelHandlerContext) {
     if let call = self.call, !call.isFinished { call.downstreamClosed() }
     self.call = nil
+    self.runtime.connections.remove(self)
     context.fireChannelInactive()
   }
 
@@ -70,6 +75,22 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream {
 
   func errorCaught(context: ChannelHandlerContext, error: any Error) {
     context.close(promise: nil)
+  }
+
+  // MARK: - DrainableConnection
+
+  func startDrain() {
+    self.draining = true
+    self.keepAlive = false
+    // Idle between requests: nothing to wait for. Otherwise the response in progress ends the
+    // connection (end(context:) closes it) and says so with `connection: close` if its head has
+    // not gone out yet.
+    if self.responseEnded { self.context?.close(promise: nil) }
+  }
+
+  func endCalls(_ failure: CallFailure) {
+    self.startDrain()
+    self.call?.shutDown(failure)
   }
 
   // MARK: - DownstreamStream

@@ -9,7 +9,7 @@ import NIOHTTP2
 /// NIOHTTP2's handler keeps the protocol state, the peer's flow control and the concurrency
 /// limit; this handler returns receive window as calls consume request bodies, and writes all
 /// streams' responses with one flush per event-loop tick.
-final class HTTP2ProxyConnectionHandler: ChannelInboundHandler {
+final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnection {
   typealias InboundIn = HTTP2Frame
   typealias OutboundOut = HTTP2Frame
 
@@ -20,6 +20,9 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler {
   private var streams: [HTTP2StreamID: HTTP2DownstreamStream] = [:]
   private var context: ChannelHandlerContext?
   private var flushScheduled = false
+  /// The highest stream the client opened: what GOAWAY names as the last one processed.
+  private var lastStreamID = HTTP2StreamID(0)
+  private var draining = false
 
   init(runtime: ListenerRuntime) {
     self.runtime = runtime
@@ -40,6 +43,7 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler {
 
   func handlerAdded(context: ChannelHandlerContext) {
     self.context = context
+    self.runtime.connections.add(self)
     // Added after protocol detection, the channel is already active (and NIOHTTP2 has sent
     // its preface): channelActive will not come.
     if context.channel.isActive { self.raiseConnectionWindow(context: context, from: 65_535) }
@@ -47,6 +51,7 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler {
 
   func handlerRemoved(context: ChannelHandlerContext) {
     self.context = nil
+    self.runtime.connections.remove(self)
   }
 
   func channelActive(context: ChannelHandlerContext) {
@@ -63,6 +68,7 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler {
         stream.requestEnded = true
         stream.call?.receiveEnd(trailers: headers.headers)
       } else {
+        if id > self.lastStreamID { self.lastStreamID = id }
         let stream = HTTP2DownstreamStream(id: id, connection: self)
         stream.requestEnded = headers.endStream
         let call = ProxyCall(runtime: self.runtime, eventLoop: context.eventLoop, allocator: context.channel.allocator, downstream: stream)
@@ -116,6 +122,7 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler {
     let streams = self.streams
     self.streams.removeAll()
     for stream in streams.values { stream.clientWentAway() }
+    self.runtime.connections.remove(self)
     context.fireChannelInactive()
   }
 
@@ -126,6 +133,35 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler {
       return
     }
     context.close(promise: nil)
+  }
+
+  // MARK: - DrainableConnection
+
+  func startDrain() {
+    guard !self.draining, let context = self.context else { return }
+    self.draining = true
+    // Streams after the last one seen are refused, so the client may safely retry them
+    // elsewhere; those already open go on.
+    context.write(self.wrapOutboundOut(HTTP2Frame(streamID: .rootStream,
+      payload: .goAway(lastStreamID: self.lastStreamID, errorCode: .noError, opaqueData: nil))), promise: nil)
+    self.scheduleFlush()
+    self.closeIfDrained()
+  }
+
+  func endCalls(_ failure: CallFailure) {
+    self.startDrain()
+    for stream in Array(self.streams.values) { stream.call?.shutDown(failure) }
+    self.closeIfDrained()
+  }
+
+  private func closeIfDrained() {
+    guard self.draining, self.streams.isEmpty, let context = self.context else { return }
+    // After the flush, so the last responses and the GOAWAY go out first.
+    context.eventLoop.assumeIsolated().execute {
+      guard let context = self.context else { return }
+      context.flush()
+      context.close(promise: nil)
+    }
   }
 
   // MARK: - For the streams
@@ -139,6 +175,7 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler {
   /// The stream's response has ended; forget it (a late reset by the client finds nothing).
   fileprivate func finished(_ id: HTTP2StreamID) {
     self.streams.removeValue(forKey: id)
+    if self.draining { self.closeIfDrained() }
   }
 
   fileprivate func scheduleFlush() {

@@ -22,13 +22,18 @@ final class ListenerRuntime {
   let listener: Listener
   let routes: RouteTable
   let upstreams: LoopUpstreams
+  let connections: LoopConnections
   let logger: Logger
   let maxTextFrameSize: Int
 
-  init(listener: Listener, routes: RouteTable, upstreams: LoopUpstreams, logger: Logger, maxTextFrameSize: Int) {
+  init(
+    listener: Listener, routes: RouteTable, upstreams: LoopUpstreams, connections: LoopConnections,
+    logger: Logger, maxTextFrameSize: Int
+  ) {
     self.listener = listener
     self.routes = routes
     self.upstreams = upstreams
+    self.connections = connections
     self.logger = logger
     self.maxTextFrameSize = maxTextFrameSize
   }
@@ -198,6 +203,14 @@ final class ProxyCall: UpstreamStreamDelegate {
     self.request = .complete
     self.translator.markFinished()
     self.cleanUp()
+  }
+
+  /// The proxy is stopping and the call outlived the drain time: end it with a status the
+  /// client can read (a trailer frame once the response has started), never a bare cut.
+  func shutDown(_ failure: CallFailure) {
+    guard !self.translator.isFinished else { return }
+    if case .forwarding = self.request { self.request = .rejected }
+    self.apply(self.translator.fail(failure))
   }
 
   func downstreamWritabilityChanged(_ writable: Bool) {
