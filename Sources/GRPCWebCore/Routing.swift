@@ -9,6 +9,10 @@ public struct RouteTable: Sendable {
     public var route: Route
     /// The route's CORS policy layered over its virtual host's (C1), or nil for none.
     public var cors: CORSPolicy?
+    /// The header mutations of the route, its virtual host and the route configuration, in the
+    /// order they apply; empty levels left out.
+    public var requestHeaders: [HeaderMutations]
+    public var responseHeaders: [HeaderMutations]
     fileprivate var regex: CompiledRegex?
     fileprivate var headerRegexes: [CompiledRegex?]
   }
@@ -38,7 +42,15 @@ public struct RouteTable: Sendable {
           return nil
         }
         let cors = route.cors.map { $0.layered(over: vh.cors) } ?? vh.cors
-        return Entry(route: route, cors: cors, regex: regex, headerRegexes: headerRegexes)
+        func levels(_ levels: [HeaderMutations]) -> [HeaderMutations] {
+          let ordered = config.mostSpecificHeaderMutationsWins ? levels.reversed() : levels
+          return ordered.filter { !$0.isEmpty }
+        }
+        return Entry(
+          route: route, cors: cors,
+          requestHeaders: levels([route.requestHeaders, vh.requestHeaders, config.requestHeaders]),
+          responseHeaders: levels([route.responseHeaders, vh.responseHeaders, config.responseHeaders]),
+          regex: regex, headerRegexes: headerRegexes)
       }
       self.hosts.append(Host(virtualHost: vh, entries: entries))
       for domain in vh.domains.map({ $0.lowercased() }) {

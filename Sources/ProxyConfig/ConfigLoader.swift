@@ -18,7 +18,7 @@ public enum ConfigLoader {
       throw ConfigError(file: file, path: "", line: nil, message: "cannot read the file: \(error.localizedDescription)")
     }
     do {
-      return try self.load(yaml: text)
+      return try self.load(yaml: text, directory: (file as NSString).deletingLastPathComponent)
     } catch {
       var error = error
       error.file = file
@@ -26,7 +26,9 @@ public enum ConfigLoader {
     }
   }
 
-  public static func load(yaml: String) throws(ConfigError) -> LoadedConfiguration {
+  /// - Parameter directory: where the YAML came from; a relative `filename` not found in the
+  ///   working directory (where Envoy looks) is looked for there.
+  public static func load(yaml: String, directory: String? = nil) throws(ConfigError) -> LoadedConfiguration {
     let root: Node
     do {
       guard let node = try Yams.compose(yaml: yaml) else {
@@ -41,7 +43,7 @@ public enum ConfigLoader {
       throw ConfigError(path: "", line: nil, message: "not valid YAML: \(error)")
     }
     let sink = WarningSink()
-    let configuration = try Reader(sink: sink).configuration(YAMLValue(node: root, path: ""))
+    let configuration = try Reader(sink: sink, directory: directory).configuration(YAMLValue(node: root, path: ""))
     return LoadedConfiguration(configuration: configuration, warnings: sink.warnings)
   }
 
@@ -66,6 +68,7 @@ public enum ConfigLoader {
 /// of its fields were not understood.
 private struct Reader {
   let sink: WarningSink
+  let directory: String?
 
   func configuration(_ root: YAMLValue) throws(ConfigError) -> ProxyConfiguration {
     let top = try root.mapping()
@@ -231,17 +234,89 @@ private struct Reader {
   func routeConfiguration(_ node: YAMLValue, clusters: [Cluster]) throws(ConfigError) -> RouteConfiguration {
     let m = try node.mapping()
     m.accept("name", "validate_clusters")
-    m.unsupported("response_headers_to_add", "response_headers_to_add is not supported yet and is ignored", into: self.sink)
-    m.unsupported("request_headers_to_add", "request_headers_to_add is not supported yet and is ignored", into: self.sink)
+    // Envoy refuses a direct_response body over this size; so does the proxy, with the line.
+    let maxBody = try m.optional("max_direct_response_body_size_bytes")?.int() ?? 4096
     var hosts: [VirtualHost] = []
     for vh in try m.optional("virtual_hosts")?.sequence() ?? [] {
-      hosts.append(try self.virtualHost(vh, clusters: clusters))
+      hosts.append(try self.virtualHost(vh, clusters: clusters, maxBody: maxBody))
     }
+    let request = try self.headerMutations(m, "request")
+    let response = try self.headerMutations(m, "response")
+    let mostSpecificWins = try m.optional("most_specific_header_mutations_wins")?.bool() ?? false
     try m.finish(known: [], warnings: self.sink)
-    return RouteConfiguration(virtualHosts: hosts)
+    return RouteConfiguration(virtualHosts: hosts, requestHeaders: request, responseHeaders: response,
+      mostSpecificHeaderMutationsWins: mostSpecificWins)
   }
 
-  func virtualHost(_ node: YAMLValue, clusters: [Cluster]) throws(ConfigError) -> VirtualHost {
+  /// `<side>_headers_to_add` and `<side>_headers_to_remove` of one level.
+  func headerMutations(_ m: YAMLMapping, _ side: String) throws(ConfigError) -> HeaderMutations {
+    var mutations = HeaderMutations()
+    for item in try m.optional("\(side)_headers_to_add")?.sequence() ?? [] {
+      let option = try item.mapping()
+      let headerNode = try option.required("header")
+      let header = try headerNode.mapping()
+      let keyNode = try header.required("key")
+      let name = try keyNode.string().lowercased()
+      guard !name.isEmpty, !name.hasPrefix(":") else {
+        throw keyNode.error("'\(name)' cannot be set: pseudo-headers are the proxy's to write")
+      }
+      let valueNode = header.optional("value") ?? header.optional("raw_value")
+      let text = try valueNode?.string() ?? ""
+      try header.finish(known: [])
+      var action = HeaderMutations.Action.APPEND_IF_EXISTS_OR_ADD
+      if let appendNode = option.optional("append") {
+        action = try appendNode.bool() ? .APPEND_IF_EXISTS_OR_ADD : .OVERWRITE_IF_EXISTS_OR_ADD
+      }
+      if let actionNode = option.optional("append_action") {
+        action = try actionNode.enumeration(HeaderMutations.Action.self)
+      }
+      let keepEmpty = try option.optional("keep_empty_value")?.bool() ?? false
+      try option.finish(known: [])
+      mutations.add.append(.init(name: name, value: self.headerValue(text, at: valueNode ?? headerNode), action: action, keepEmptyValue: keepEmpty))
+    }
+    for item in try m.optional("\(side)_headers_to_remove")?.sequence() ?? [] {
+      let name = try item.string().lowercased()
+      guard !name.hasPrefix(":"), name != "host" else {
+        throw item.error("'\(name)' cannot be removed: the request needs it")
+      }
+      mutations.remove.append(name)
+    }
+    return mutations
+  }
+
+  /// Envoy's header value: text with `%REQ(name)%` (a request header) and `%%` (a percent sign).
+  /// Other `%...%` commands are sent as written, with a warning.
+  func headerValue(_ text: String, at node: YAMLValue) -> [HeaderMutations.ValuePart] {
+    var parts: [HeaderMutations.ValuePart] = []
+    var literal = ""
+    var rest = Substring(text)
+    while let start = rest.firstIndex(of: "%") {
+      literal += rest[..<start]
+      let afterStart = rest.index(after: start)
+      guard let end = rest[afterStart...].firstIndex(of: "%") else {
+        literal += rest[start...]
+        rest = ""
+        break
+      }
+      let command = rest[afterStart..<end]
+      if command.isEmpty {
+        literal += "%"
+      } else if command.hasPrefix("REQ("), command.hasSuffix(")") {
+        if !literal.isEmpty { parts.append(.text(literal)) }
+        literal = ""
+        parts.append(.requestHeader(command.dropFirst(4).dropLast().lowercased()))
+      } else {
+        self.sink.add(node, "'%\(command)%' is not supported in header values; it is sent as written")
+        literal += rest[start...end]
+      }
+      rest = rest[rest.index(after: end)...]
+    }
+    literal += rest
+    if !literal.isEmpty || parts.isEmpty { parts.append(.text(literal)) }
+    return parts
+  }
+
+  func virtualHost(_ node: YAMLValue, clusters: [Cluster], maxBody: Int) throws(ConfigError) -> VirtualHost {
     let m = try node.mapping()
     let name = try m.optional("name")?.string() ?? ""
     let domainsNode = try m.required("domains")
@@ -251,12 +326,14 @@ private struct Reader {
     if let perFilter = try self.perFilterCORS(m) { cors = perFilter.layered(over: cors) }
     var routes: [Route] = []
     for route in try m.optional("routes")?.sequence() ?? [] {
-      routes.append(try self.route(route, clusters: clusters))
+      routes.append(try self.route(route, clusters: clusters, maxBody: maxBody))
     }
+    let request = try self.headerMutations(m, "request")
+    let response = try self.headerMutations(m, "response")
     m.unsupported("require_tls", "require_tls is not supported yet and is ignored", into: self.sink)
     m.unsupported("retry_policy", "virtual host retry_policy is not supported yet and is ignored", into: self.sink)
     try m.finish(known: [], warnings: self.sink)
-    return VirtualHost(name: name, domains: domains, routes: routes, cors: cors)
+    return VirtualHost(name: name, domains: domains, routes: routes, cors: cors, requestHeaders: request, responseHeaders: response)
   }
 
   func perFilterCORS(_ m: YAMLMapping) throws(ConfigError) -> CORSPolicy? {
@@ -276,7 +353,7 @@ private struct Reader {
     return policy
   }
 
-  func route(_ node: YAMLValue, clusters: [Cluster]) throws(ConfigError) -> Route {
+  func route(_ node: YAMLValue, clusters: [Cluster], maxBody: Int) throws(ConfigError) -> Route {
     let m = try node.mapping()
     let name = try m.optional("name")?.string()
     let match = try self.routeMatch(try m.required("match"))
@@ -318,12 +395,15 @@ private struct Reader {
       self.lintTimeouts(timeouts, at: routeNode)
     } else if let direct = m.optional("direct_response") {
       let d = try direct.mapping()
-      let status = try d.required("status").int()
-      var body: String?
+      let statusNode = try d.required("status")
+      let status = try statusNode.int()
+      guard (200...599).contains(status) else { throw statusNode.error("status \(status) is not an HTTP status (200-599)") }
+      var body: [UInt8]?
       if let b = d.optional("body") {
-        let bm = try b.mapping()
-        body = try bm.optional("inline_string")?.string()
-        try bm.finish(known: [], warnings: self.sink)
+        body = try self.dataSource(b)
+        if let body, body.count > maxBody {
+          throw b.error("the body is \(body.count) bytes, more than max_direct_response_body_size_bytes (\(maxBody)) of the route_config allows")
+        }
       }
       try d.finish(known: [], warnings: self.sink)
       action = .directResponse(status: status, body: body)
@@ -333,11 +413,37 @@ private struct Reader {
       throw node.error("a route needs 'route' (with a cluster) or 'direct_response'")
     }
     if let perFilter = try self.perFilterCORS(m) { cors = perFilter.layered(over: cors) }
-    m.unsupported("request_headers_to_add", "request_headers_to_add is not supported yet and is ignored", into: self.sink)
-    m.unsupported("response_headers_to_add", "response_headers_to_add is not supported yet and is ignored", into: self.sink)
+    let request = try self.headerMutations(m, "request")
+    let response = try self.headerMutations(m, "response")
     m.accept("decorator", "metadata")
     try m.finish(known: [], warnings: self.sink)
-    return Route(name: name, match: match, action: action, timeouts: timeouts, prefixRewrite: prefixRewrite, cors: cors)
+    return Route(name: name, match: match, action: action, timeouts: timeouts, prefixRewrite: prefixRewrite, cors: cors,
+      requestHeaders: request, responseHeaders: response)
+  }
+
+  /// Envoy's `DataSource`: `inline_string`, `inline_bytes` (base64) or `filename`, read now.
+  func dataSource(_ node: YAMLValue) throws(ConfigError) -> [UInt8] {
+    let m = try node.mapping()
+    defer { try? m.finish(known: [], warnings: self.sink) }
+    if let text = m.optional("inline_string") {
+      return Array(try text.string().utf8)
+    }
+    if let encoded = m.optional("inline_bytes") {
+      guard let data = Data(base64Encoded: try encoded.string()) else { throw encoded.error("inline_bytes is not valid base64") }
+      return Array(data)
+    }
+    if let fileNode = m.optional("filename") {
+      let name = try fileNode.string()
+      var candidates = [name]
+      if !name.hasPrefix("/"), let directory = self.directory, !directory.isEmpty {
+        candidates.append((directory as NSString).appendingPathComponent(name))
+      }
+      for candidate in candidates {
+        if let data = FileManager.default.contents(atPath: candidate) { return Array(data) }
+      }
+      throw fileNode.error("cannot read '\(name)'" + (candidates.count > 1 ? " (looked in the working directory and beside the configuration)" : ""))
+    }
+    throw node.error("a body needs inline_string, inline_bytes or filename")
   }
 
   /// The two timeout traps of gRPC routes (protocol doc T2, issues envoy#17697 and #10184).

@@ -2,8 +2,36 @@
 /// the in-process User service, written as the Envoy YAML a user would write, so that
 /// `grpc-web-proxy --print-default-config` is a starting point for their own file.
 public enum EmbeddedDefault {
+  /// A file of the demo page, served at `path` by a `direct_response` route.
+  public struct PageFile: Sendable {
+    public var path: String
+    public var file: String
+    public var contentType: String
+
+    public init(path: String, file: String, contentType: String) {
+      self.path = path
+      self.file = file
+      self.contentType = contentType
+    }
+  }
+
+  /// The content type a browser needs for a page file (ES modules load only as JavaScript).
+  public static func contentType(forFileName name: String) -> String? {
+    switch name.split(separator: ".").last.map({ $0.lowercased() }) {
+    case "html": return "text/html; charset=utf-8"
+    case "js", "mjs": return "text/javascript; charset=utf-8"
+    case "css": return "text/css; charset=utf-8"
+    case "json": return "application/json"
+    case "svg": return "image/svg+xml"
+    case "png": return "image/png"
+    case "ico": return "image/x-icon"
+    default: return nil
+    }
+  }
+
   public static func yaml(
-    listenHost: String, listenPort: Int, backendPort: Int, adminHost: String = "127.0.0.1", adminPort: Int = 9901
+    listenHost: String, listenPort: Int, backendPort: Int, adminHost: String = "127.0.0.1", adminPort: Int = 9901,
+    page: [PageFile] = []
   ) -> String {
     """
     # grpc-web-proxy's embedded default: browsers on \(listenHost):\(listenPort), the User service behind it.
@@ -24,10 +52,12 @@ public enum EmbeddedDefault {
               stat_prefix: ingress_http
               route_config:
                 name: local_route
+                # The demo page's files are served whole, so allow more than Envoy's 4 KiB.
+                max_direct_response_body_size_bytes: 1048576
                 virtual_hosts:
                 - name: user_service
                   domains: ["*"]
-                  routes:
+                  routes:\(self.pageRoutes(page))
                   - match: { prefix: "/" }
                     route:
                       cluster: user_service
@@ -71,5 +101,41 @@ public enum EmbeddedDefault {
                   socket_address: { address: 127.0.0.1, port_value: \(backendPort) }
 
     """
+  }
+
+  private static func pageRoutes(_ page: [PageFile]) -> String {
+    // Browsers ask for an icon; without this route the request would go to the gRPC service.
+    var out = page.isEmpty ? "" : """
+
+                  - match: { path: "/favicon.ico" }
+                    direct_response: { status: 204 }
+    """
+    for file in page {
+      out += """
+
+                  - match: { path: \(self.quoted(file.path)) }
+                    direct_response: { status: 200, body: { filename: \(self.quoted(file.file)) } }
+                    response_headers_to_add:
+                    - header: { key: content-type, value: \(self.quoted(file.contentType)) }
+                      append_action: OVERWRITE_IF_EXISTS_OR_ADD
+                    - header: { key: cache-control, value: no-cache }
+                      append_action: OVERWRITE_IF_EXISTS_OR_ADD
+    """
+    }
+    return out
+  }
+
+  /// A YAML double-quoted string (JSON's escaping is valid YAML).
+  private static func quoted(_ text: String) -> String {
+    var out = "\""
+    for scalar in text.unicodeScalars {
+      switch scalar {
+      case "\"": out += "\\\""
+      case "\\": out += "\\\\"
+      case _ where scalar.value < 0x20: out += "\\u00" + String(scalar.value >> 4) + String(scalar.value & 0xF, radix: 16)
+      default: out.unicodeScalars.append(scalar)
+      }
+    }
+    return out + "\""
   }
 }

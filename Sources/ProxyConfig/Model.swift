@@ -92,7 +92,58 @@ public struct Listener: Sendable, Hashable {
 
 public struct RouteConfiguration: Sendable, Hashable {
   public var virtualHosts: [VirtualHost]
-  public init(virtualHosts: [VirtualHost]) { self.virtualHosts = virtualHosts }
+  public var requestHeaders: HeaderMutations
+  public var responseHeaders: HeaderMutations
+  /// Envoy applies header mutations route first, then virtual host, then this level, so the
+  /// widest level wins a clash; this flag reverses the order.
+  public var mostSpecificHeaderMutationsWins: Bool
+
+  public init(
+    virtualHosts: [VirtualHost], requestHeaders: HeaderMutations = .init(), responseHeaders: HeaderMutations = .init(),
+    mostSpecificHeaderMutationsWins: Bool = false
+  ) {
+    self.virtualHosts = virtualHosts
+    self.requestHeaders = requestHeaders
+    self.responseHeaders = responseHeaders
+    self.mostSpecificHeaderMutationsWins = mostSpecificHeaderMutationsWins
+  }
+}
+
+/// One level's `request_headers_to_add`/`_remove` or `response_headers_to_add`/`_remove`.
+public struct HeaderMutations: Sendable, Hashable {
+  public enum Action: String, Sendable, Hashable, CaseIterable {
+    case APPEND_IF_EXISTS_OR_ADD, ADD_IF_ABSENT, OVERWRITE_IF_EXISTS_OR_ADD, OVERWRITE_IF_EXISTS
+  }
+
+  /// A header value with Envoy's `%REQ(name)%` substitutions resolved per request.
+  public enum ValuePart: Sendable, Hashable {
+    case text(String)
+    case requestHeader(String)
+  }
+
+  public struct Add: Sendable, Hashable {
+    public var name: String
+    public var value: [ValuePart]
+    public var action: Action
+    public var keepEmptyValue: Bool
+
+    public init(name: String, value: [ValuePart], action: Action = .APPEND_IF_EXISTS_OR_ADD, keepEmptyValue: Bool = false) {
+      self.name = name
+      self.value = value
+      self.action = action
+      self.keepEmptyValue = keepEmptyValue
+    }
+  }
+
+  public var add: [Add]
+  public var remove: [String]
+
+  public init(add: [Add] = [], remove: [String] = []) {
+    self.add = add
+    self.remove = remove
+  }
+
+  public var isEmpty: Bool { self.add.isEmpty && self.remove.isEmpty }
 }
 
 public struct VirtualHost: Sendable, Hashable {
@@ -100,12 +151,19 @@ public struct VirtualHost: Sendable, Hashable {
   public var domains: [String]
   public var routes: [Route]
   public var cors: CORSPolicy?
+  public var requestHeaders: HeaderMutations
+  public var responseHeaders: HeaderMutations
 
-  public init(name: String, domains: [String], routes: [Route], cors: CORSPolicy?) {
+  public init(
+    name: String, domains: [String], routes: [Route], cors: CORSPolicy?,
+    requestHeaders: HeaderMutations = .init(), responseHeaders: HeaderMutations = .init()
+  ) {
     self.name = name
     self.domains = domains
     self.routes = routes
     self.cors = cors
+    self.requestHeaders = requestHeaders
+    self.responseHeaders = responseHeaders
   }
 }
 
@@ -198,7 +256,8 @@ public struct RouteTimeouts: Sendable, Hashable {
 public struct Route: Sendable, Hashable {
   public enum Action: Sendable, Hashable {
     case cluster(String)
-    case directResponse(status: Int, body: String?)
+    /// The body as bytes: from `inline_string`, `inline_bytes` or `filename`.
+    case directResponse(status: Int, body: [UInt8]?)
   }
 
   public var name: String?
@@ -207,6 +266,8 @@ public struct Route: Sendable, Hashable {
   public var timeouts: RouteTimeouts
   public var prefixRewrite: String?
   public var cors: CORSPolicy?
+  public var requestHeaders: HeaderMutations
+  public var responseHeaders: HeaderMutations
 
   public init(
     name: String? = nil,
@@ -214,7 +275,9 @@ public struct Route: Sendable, Hashable {
     action: Action,
     timeouts: RouteTimeouts = .init(),
     prefixRewrite: String? = nil,
-    cors: CORSPolicy? = nil
+    cors: CORSPolicy? = nil,
+    requestHeaders: HeaderMutations = .init(),
+    responseHeaders: HeaderMutations = .init()
   ) {
     self.name = name
     self.match = match
@@ -222,6 +285,8 @@ public struct Route: Sendable, Hashable {
     self.timeouts = timeouts
     self.prefixRewrite = prefixRewrite
     self.cors = cors
+    self.requestHeaders = requestHeaders
+    self.responseHeaders = responseHeaders
   }
 }
 

@@ -44,6 +44,9 @@ struct GRPCWebProxyCommand: AsyncParsableCommand {
   @Option(name: .long, help: "Embedded default only: the admin address (GET /ready, /clusters).")
   var adminListen: String = "127.0.0.1:9901"
 
+  @Option(name: .long, help: "Embedded default only: the folder of the demo web page (default: ./web-demo, else the one beside the sources, else /usr/share/grpc-web-proxy/web-demo).")
+  var webRoot: String?
+
   @Option(name: .customLong("drain-time-s"), help: "On SIGTERM or SIGINT: seconds calls in progress may go on (while /ready answers 503 and no connection is accepted) before those still open end with grpc-status 14 \"proxy shutting down\".")
   var drainTimeSeconds: Double = 5
 
@@ -73,9 +76,10 @@ struct GRPCWebProxyCommand: AsyncParsableCommand {
     }
     let (listenHost, listenPort) = try Self.parseListen(self.listen, option: "--listen")
     let admin = try Self.parseListen(self.adminListen, option: "--admin-listen")
+    let page = try Self.pageFiles(webRoot: self.webRoot)
     let defaultConfig = { (backendPort: Int) in
       EmbeddedDefault.yaml(listenHost: listenHost, listenPort: listenPort, backendPort: backendPort,
-        adminHost: admin.0, adminPort: admin.1)
+        adminHost: admin.0, adminPort: admin.1, page: page)
     }
 
     if self.printDefaultConfig {
@@ -96,7 +100,7 @@ struct GRPCWebProxyCommand: AsyncParsableCommand {
         print("configuration '\(path)' OK")
         return
       }
-      try await self.serve(loaded.configuration, logger: logger, backend: nil)
+      try await self.serve(loaded.configuration, logger: logger, backend: nil, page: [])
       return
     }
 
@@ -117,12 +121,12 @@ struct GRPCWebProxyCommand: AsyncParsableCommand {
       guard let backendPort = await iterator.next() else { throw ExitCode(1) }
       let yaml = defaultConfig(backendPort)
       let loaded = try ConfigLoader.load(yaml: yaml)
-      try await self.serve(loaded.configuration, logger: logger, backend: backendPort)
+      try await self.serve(loaded.configuration, logger: logger, backend: backendPort, page: page)
       group.cancelAll()
     }
   }
 
-  private func serve(_ configuration: ProxyConfiguration, logger: Logger, backend: Int?) async throws {
+  private func serve(_ configuration: ProxyConfiguration, logger: Logger, backend: Int?, page: [EmbeddedDefault.PageFile]) async throws {
     let threads = self.concurrency ?? System.coreCount
     let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, threads))
     guard self.drainTimeSeconds >= 0, self.drainTimeSeconds.isFinite else {
@@ -131,7 +135,7 @@ struct GRPCWebProxyCommand: AsyncParsableCommand {
     let drainTime = Duration.milliseconds(Int64(self.drainTimeSeconds * 1000))
     let server = ProxyServer(configuration: configuration, group: group, logger: logger, drainTime: drainTime) { listeners in
       guard backend != nil, let first = listeners.first else { return }
-      Self.printWelcome(host: first.host, port: first.port)
+      Self.printWelcome(host: first.host, port: first.port, page: !page.isEmpty)
     }
     let services = ServiceGroup(
       configuration: .init(services: [.init(service: server)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
@@ -153,7 +157,29 @@ struct GRPCWebProxyCommand: AsyncParsableCommand {
     return (String(text[..<colon]), port)
   }
 
-  private static func printWelcome(host: String, port: Int) {
+  /// The demo page's files, from the first folder that has an index.html.
+  private static func pageFiles(webRoot: String?) throws -> [EmbeddedDefault.PageFile] {
+    let sourceTree = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+      .deletingLastPathComponent().appendingPathComponent("web-demo").path
+    let candidates = webRoot.map { [$0] }
+      ?? [FileManager.default.currentDirectoryPath + "/web-demo", sourceTree, "/usr/share/grpc-web-proxy/web-demo"]
+    let files = FileManager.default
+    guard let root = candidates.first(where: { files.fileExists(atPath: $0 + "/index.html") }) else {
+      if let webRoot { throw ValidationError("--web-root \(webRoot): no index.html there") }
+      return []
+    }
+    let absolute = URL(fileURLWithPath: root).standardizedFileURL.path
+    var page: [EmbeddedDefault.PageFile] = []
+    for name in (try? files.contentsOfDirectory(atPath: absolute))?.sorted() ?? [] {
+      guard let type = EmbeddedDefault.contentType(forFileName: name) else { continue }
+      let file = absolute + "/" + name
+      if name == "index.html" { page.append(.init(path: "/", file: file, contentType: type)) }
+      page.append(.init(path: "/" + name, file: file, contentType: type))
+    }
+    return page
+  }
+
+  private static func printWelcome(host: String, port: Int, page: Bool) {
     var request = Demo_LoginReq()
     request.username = "demo"
     request.password = "demo123"
@@ -163,8 +189,10 @@ struct GRPCWebProxyCommand: AsyncParsableCommand {
     frame += [UInt8(length >> 24), UInt8(length >> 16 & 0xFF), UInt8(length >> 8 & 0xFF), UInt8(length & 0xFF)]
     frame += payload
     let body = Data(frame).base64EncodedString()
+    let browser = page ? "  open http://\(host):\(port)/ in a browser: the demo page logs in and out through the proxy\n" : ""
     print("""
       grpc-web-proxy is serving the demo.User service at http://\(host):\(port)
+      \(browser)\
         accounts: demo / demo123, admin / 123456
         try a login from a shell (a gRPC-Web text request; the reply is binary, shown with cat -v):
           curl -s http://\(host):\(port)/demo.User/login -H 'content-type: application/grpc-web-text' \\

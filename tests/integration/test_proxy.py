@@ -5,10 +5,11 @@ import collections
 import socket
 import subprocess
 import time
+import urllib.request
 
 import pytest
 
-from conftest import PROXY_BIN, ROUTES, Replica, config, free_port, start_proxy, wait_for_port
+from conftest import PROXY_BIN, ROOT, ROUTES, Replica, config, free_port, start_proxy, wait_for_port
 from grpcweb import HTTP1, HTTP2, Reply, echo_req, frame, login_req, pb_decode
 
 TRANSPORTS = ["http1", "http2"]
@@ -392,20 +393,31 @@ def test_validate_mode(tmp_path):
 
 
 def test_embedded_default_serves_the_user_service():
-    port = free_port()
-    proc = subprocess.Popen([str(PROXY_BIN), "--listen", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    port, admin = free_port(), free_port()
+    proc = subprocess.Popen([str(PROXY_BIN), "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_port(port, proc)
         c = HTTP1(port)
         r = c.call("/demo.User/login", login_req("admin", "123456"), text=True, headers={"origin": "http://localhost:3000"})
-        c.close()
         assert r.grpc_status == 0
         assert pb_decode(r.messages[0])[3] == b"embedded"
         assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        # The demo page, on the same origin, with the types a browser needs for ES modules.
+        status, headers, body = c.request("GET", "/")
+        assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
+        assert body == (ROOT / "web-demo" / "index.html").read_bytes()
+        status, headers, body = c.request("GET", "/grpc-web.js")
+        assert status == 200 and headers["content-type"] == "text/javascript; charset=utf-8"
+        assert body == (ROOT / "web-demo" / "grpc-web.js").read_bytes()
+        assert c.request("GET", "/favicon.ico")[0] == 204
+        c.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=5) as ready:
+            assert ready.status == 200
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=10)
-    assert "curl" in out and f"127.0.0.1:{port}" in out
+    assert "curl" in out and f"open http://127.0.0.1:{port}/ in a browser" in out
     assert proc.returncode == 0, out
 
 

@@ -69,6 +69,8 @@ final class ProxyCall: UpstreamStreamDelegate {
   private var upstream: UpstreamState = .none
   private var translator: ResponseTranslator
   private var corsHeaders: HPACKHeaders?
+  /// The route's `response_headers_to_add/remove`, with the request they may quote.
+  private var responseMutations: (levels: [HeaderMutations], request: HPACKHeaders)?
   private var deadline: DeadlinePlan?
   private var deadlineTask: Scheduled<Void>?
   /// The upstream sent END_STREAM. With the request also ended, the stream is closed and must
@@ -122,11 +124,21 @@ final class ProxyCall: UpstreamStreamDelegate {
       }
     }
 
+    if !entry.responseHeaders.isEmpty { self.responseMutations = (entry.responseHeaders, headers) }
     let clusterName: String
     switch entry.route.action {
     case .directResponse(let status, let body):
-      var local = ResponseTranslator(kind: .other, allocator: self.allocator)
-      self.reject(local.localReply(httpStatus: status, grpcStatus: nil, message: body), endStream: endStream)
+      self.translator.markFinished()
+      var head = HPACKHeaders()
+      head.add(name: "content-length", value: String(body?.count ?? 0))
+      var buffer: ByteBuffer?
+      if let body, !body.isEmpty {
+        // text/plain as in Envoy; response_headers_to_add may say otherwise (a page, a script).
+        head.add(name: "content-type", value: "text/plain")
+        buffer = self.allocator.buffer(bytes: body)
+      }
+      let output = ResponseTranslator.Output(head: ResponseHead(status: status, headers: head), body: buffer, end: .clean(trailers: nil))
+      self.reject(method == "HEAD" ? .init(head: output.head, end: output.end) : output, endStream: endStream)
       return
     case .cluster(let name):
       clusterName = name
@@ -140,7 +152,8 @@ final class ProxyCall: UpstreamStreamDelegate {
     if let rewrite = entry.route.prefixRewrite, case .prefix(let prefix) = entry.route.match.path {
       upstreamPath = rewrite + path.dropFirst(prefix.count)
     }
-    let upstreamHeaders = RequestTranslator.upstreamHeaders(headers, kind: kind, path: upstreamPath, grpcTimeout: plan.upstreamGRPCTimeout)
+    var upstreamHeaders = RequestTranslator.upstreamHeaders(headers, kind: kind, path: upstreamPath, grpcTimeout: plan.upstreamGRPCTimeout)
+    if !entry.requestHeaders.isEmpty { HeaderMutations.apply(entry.requestHeaders, to: &upstreamHeaders, request: headers) }
     var requestText = false
     if case .grpcWeb(let text, _) = kind { requestText = text }
     self.request = endStream ? .complete : .forwarding(decoder: requestText ? Base64StreamDecoder() : nil)
@@ -315,6 +328,9 @@ final class ProxyCall: UpstreamStreamDelegate {
     if var head = output.head {
       if let cors = self.corsHeaders {
         for (name, value, _) in cors { head.headers.replaceOrAdd(name: name, value: value) }
+      }
+      if let (levels, request) = self.responseMutations {
+        HeaderMutations.apply(levels, to: &head.headers, request: request)
       }
       let headOnly = output.body == nil && Self.isPlainEnd(output.end)
       downstream.write(head: head, endStream: headOnly)
