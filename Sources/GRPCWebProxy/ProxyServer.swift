@@ -72,9 +72,12 @@ public final class ProxyServer: Service {
     let logger = self.logger
     var registry: [ObjectIdentifier: NIOLoopBound<LoopState>] = [:]
     let routeTables = config.listeners.map { RouteTable($0.routeConfig) }
+    let directory = UpstreamDirectory(clusters: config.clusters, status: self.status, logger: logger)
+    let events = directory.events
     for loop in self.group.makeIterator() {
       let state = try await loop.submit {
-        let upstreams = LoopUpstreams(eventLoop: loop, clusters: config.clusters, logger: logger)
+        let upstreams = LoopUpstreams(eventLoop: loop, clusters: config.clusters, logger: logger, events: events)
+        directory.register(NIOLoopBound(upstreams, eventLoop: loop))
         let connections = LoopConnections()
         let listeners = zip(config.listeners, routeTables).map {
           ListenerRuntime(listener: $0, routes: $1, upstreams: upstreams, connections: connections, logger: logger,
@@ -95,7 +98,7 @@ public final class ProxyServer: Service {
     for cluster in config.clusters {
       let endpoints = initial[cluster.name] ?? []
       logger.info("cluster '\(cluster.name)': \(endpoints.isEmpty ? "no endpoints yet" : endpoints.map(\.description).joined(separator: ", "))")
-      self.publish(endpoints, cluster: cluster.name, to: loops)
+      directory.discovered(endpoints, cluster: cluster.name)
     }
 
     var channels: [any Channel] = []
@@ -124,23 +127,24 @@ public final class ProxyServer: Service {
     try? await withThrowingDiscardingTaskGroup { group in
       for cluster in config.clusters where cluster.type != .staticAddresses {
         group.addTask {
-          var last = initial[cluster.name] ?? []
-          while !Task.isCancelled {
-            try await Task.sleep(for: .nanoseconds(max(cluster.dnsRefreshRate.nanoseconds, 100_000_000)))
-            guard let endpoints = try? await discovery.resolve(cluster, on: firstLoop) else {
-              logger.warning("cluster '\(cluster.name)': DNS lookup failed; keeping \(last.count) known endpoints")
-              continue
-            }
-            if endpoints.isEmpty && !last.isEmpty {
-              logger.warning("cluster '\(cluster.name)': DNS returned no addresses; keeping \(last.count) known endpoints")
-              continue
-            }
-            if endpoints != last {
-              logger.info("cluster '\(cluster.name)': endpoints now \(endpoints.map(\.description).joined(separator: ", "))")
-              last = endpoints
-              self.publish(endpoints, cluster: cluster.name, to: loops)
-            }
+          await Self.keepResolving(cluster, initial: initial[cluster.name] ?? [], discovery: discovery, directory: directory,
+            on: firstLoop, logger: logger)
+        }
+      }
+      for cluster in config.clusters {
+        guard let check = cluster.healthCheck, let membership = directory.memberships[cluster.name] else { continue }
+        let checker = HealthChecker(cluster: cluster, check: check, eventLoop: firstLoop, logger: logger)
+        group.addTask {
+          await checker.run(endpoints: { membership.snapshot.all }) { endpoint, passed, detail in
+            directory.healthCheck(endpoint, cluster: cluster.name, passed: passed, detail: detail)
           }
+        }
+      }
+      group.addTask {
+        // Endpoints set aside after a refused connection or an ejection come back on time.
+        while !Task.isCancelled {
+          try await Task.sleep(for: .milliseconds(100))
+          directory.readmitExpired()
         }
       }
       try await gracefulShutdown()
@@ -188,11 +192,58 @@ public final class ProxyServer: Service {
     return total
   }
 
-  private func publish(_ endpoints: [HostAndPort], cluster: String, to loops: [ObjectIdentifier: NIOLoopBound<LoopState>]) {
-    self.status.setEndpoints(endpoints.map { .init(address: $0, healthy: true) }, cluster: cluster)
-    for (_, state) in loops {
-      state.eventLoop.execute {
-        state.value.upstreams.setEndpoints(endpoints, forCluster: cluster)
+  /// A DNS cluster's refresh loop: every `dns_refresh_rate` (or when the records' TTL runs out,
+  /// with `respect_dns_ttl`), at once when a connection to one of its endpoints failed, and
+  /// after a failed lookup every `dns_failure_refresh_rate` (doubling up to its maximum).
+  /// A failed lookup keeps the last endpoints; an empty answer empties the cluster only when the
+  /// next lookup says the same, so a Swarm service whose tasks are being replaced keeps its calls.
+  private static func keepResolving(
+    _ cluster: Cluster, initial: [HostAndPort], discovery: Discovery, directory: UpstreamDirectory,
+    on loop: any EventLoop, logger: Logger
+  ) async {
+    let clock = ContinuousClock()
+    let refresh = Duration.nanoseconds(max(cluster.dnsRefreshRate.nanoseconds, 100_000_000))
+    var last = initial
+    var emptyAnswers = 0
+    var failures = 0
+    var wait = refresh
+    while !Task.isCancelled {
+      let due = clock.now.advanced(by: wait)
+      while clock.now < due, !directory.takeResolveRequest(cluster.name) {
+        do { try await Task.sleep(for: .milliseconds(50)) } catch { return }
+      }
+      switch await discovery.resolve(cluster, on: loop) {
+      case .endpoints(let endpoints, let ttl):
+        failures = 0
+        emptyAnswers = 0
+        wait = cluster.respectDNSTTL ? max(ttl ?? refresh, .milliseconds(100)) : refresh
+        if endpoints != last {
+          logger.info("cluster '\(cluster.name)': endpoints now \(endpoints.map(\.description).joined(separator: ", "))")
+          last = endpoints
+          directory.discovered(endpoints, cluster: cluster.name)
+        }
+      case .empty:
+        failures = 0
+        emptyAnswers += 1
+        wait = refresh
+        guard !last.isEmpty else { continue }
+        if emptyAnswers >= 2 {
+          logger.warning("cluster '\(cluster.name)': DNS has no addresses, twice in a row: the cluster is empty")
+          last = []
+          directory.discovered([], cluster: cluster.name)
+        } else {
+          logger.warning("cluster '\(cluster.name)': DNS returned no addresses; keeping \(last.count) known endpoints until the next lookup says the same")
+        }
+      case .failure(let reason):
+        failures += 1
+        emptyAnswers = 0
+        if let rate = cluster.dnsFailureRefreshRate {
+          let grown = Duration.nanoseconds(rate.base.nanoseconds) * (1 << min(failures - 1, 16))
+          wait = min(grown, Duration.nanoseconds(max(rate.max.nanoseconds, rate.base.nanoseconds)))
+        } else {
+          wait = refresh
+        }
+        logger.warning("cluster '\(cluster.name)': DNS lookup failed (\(reason)); keeping \(last.count) known endpoints")
       }
     }
   }

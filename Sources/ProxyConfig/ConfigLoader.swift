@@ -688,13 +688,23 @@ private struct Reader {
     for key in ["transport_socket", "tls_context"] {
       m.unsupported(key, "TLS to upstreams is not supported yet: cluster '\(name)' is reached in plaintext", into: self.sink)
     }
-    m.unsupported("health_checks", "active health checks are not supported yet and are ignored", into: self.sink)
-    m.unsupported("outlier_detection", "outlier detection is not supported yet and is ignored", into: self.sink)
-    m.unsupported("circuit_breakers", "circuit breakers are not supported yet and are ignored", into: self.sink)
-    m.accept("respect_dns_ttl", "dns_failure_refresh_rate", "upstream_connection_options",
+    let healthCheck = try self.healthChecks(m, cluster: name)
+    let outlier = try m.optional("outlier_detection").map { v throws(ConfigError) in try self.outlierDetection(v) }
+    let breakers = try m.optional("circuit_breakers").map { v throws(ConfigError) in try self.circuitBreakers(v) }
+    let respectTTL = try m.optional("respect_dns_ttl")?.bool() ?? false
+    var failureRefresh: (base: ProxyDuration, max: ProxyDuration)?
+    if let frr = m.optional("dns_failure_refresh_rate") {
+      let fm = try frr.mapping()
+      let base = try fm.required("base_interval").duration()
+      let max = try fm.optional("max_interval")?.duration() ?? ProxyDuration(nanoseconds: base.nanoseconds * 10)
+      try fm.finish(known: [])
+      failureRefresh = (base, max)
+    }
+    let resolvers = try self.dnsResolvers(m)
+    m.accept("upstream_connection_options",
       "common_http_protocol_options", "per_connection_buffer_limit_bytes", "max_requests_per_connection",
       "common_lb_config", "close_connections_on_host_health_failure", "ignore_health_on_host_removal",
-      "dns_resolvers", "typed_dns_resolver_config", "use_tcp_for_dns_lookups", "alt_stat_name")
+      "use_tcp_for_dns_lookups", "alt_stat_name", "dns_jitter")
     try m.finish(known: [], warnings: self.sink)
     var cluster = Cluster(
       name: name,
@@ -706,7 +716,115 @@ private struct Reader {
       dnsRefreshRate: refresh
     )
     cluster.dnsLookupFamily = family
+    cluster.healthCheck = healthCheck
+    cluster.outlierDetection = outlier
+    if let breakers { cluster.circuitBreakers = breakers }
+    cluster.respectDNSTTL = respectTTL
+    cluster.dnsFailureRefreshRate = failureRefresh
+    cluster.dnsResolvers = resolvers
     return cluster
+  }
+
+  /// The legacy `dns_resolvers`, `dns_resolution_config.resolvers` and the c-ares
+  /// `typed_dns_resolver_config`: where a test or a deployment points the cluster's DNS.
+  func dnsResolvers(_ m: YAMLMapping) throws(ConfigError) -> [HostAndPort] {
+    var nodes: [YAMLValue] = []
+    nodes += try m.optional("dns_resolvers")?.sequence() ?? []
+    if let drc = m.optional("dns_resolution_config") {
+      let dm = try drc.mapping()
+      nodes += try dm.optional("resolvers")?.sequence() ?? []
+      dm.accept("dns_resolver_options")
+      try dm.finish(known: [], warnings: self.sink)
+    }
+    if let typed = m.optional("typed_dns_resolver_config") {
+      let tm = try typed.mapping()
+      tm.accept("name")
+      if let (body, type) = try Optional(typed.extensionConfig(in: tm)), let body {
+        if let type, !type.hasSuffix("CaresDnsResolverConfig") {
+          self.sink.add(typed, "DNS resolver '\(type)' is not supported; the system resolver (or c-ares 'resolvers') is used")
+        }
+        nodes += try body.optional("resolvers")?.sequence() ?? []
+        body.accept("@type", "dns_resolver_options", "use_resolvers_as_fallback", "filter_unroutable_families", "udp_max_queries")
+        try body.finish(known: [], warnings: self.sink)
+      }
+      try tm.finish(known: ["typed_config", "config"], warnings: self.sink)
+    }
+    var resolvers: [HostAndPort] = []
+    for node in nodes {
+      let address = try self.address(node)
+      resolvers.append(HostAndPort(host: address.host, port: address.port == 0 ? 53 : address.port))
+    }
+    return resolvers
+  }
+
+  /// `health_checks`: the first entry with `grpc_health_check`. Other kinds are reported.
+  func healthChecks(_ m: YAMLMapping, cluster: String) throws(ConfigError) -> Cluster.HealthCheck? {
+    var result: Cluster.HealthCheck?
+    for item in try m.optional("health_checks")?.sequence() ?? [] {
+      let hm = try item.mapping()
+      let timeout = try hm.required("timeout").duration()
+      let interval = try hm.required("interval").duration()
+      let unhealthy = try hm.optional("unhealthy_threshold")?.int() ?? 1
+      let healthy = try hm.optional("healthy_threshold")?.int() ?? 1
+      hm.accept("no_traffic_interval", "unhealthy_interval", "unhealthy_edge_interval", "healthy_edge_interval",
+        "interval_jitter", "initial_jitter", "event_log_path", "always_log_health_check_failures", "reuse_connection")
+      if let grpc = hm.optional("grpc_health_check") {
+        let gm = try grpc.mapping()
+        let service = try gm.optional("service_name")?.string() ?? ""
+        let authority = try gm.optional("authority")?.string()
+        try gm.finish(known: [], warnings: self.sink)
+        if result == nil {
+          result = .init(interval: interval, timeout: timeout, unhealthyThreshold: max(1, unhealthy), healthyThreshold: max(1, healthy),
+            serviceName: service, authority: authority)
+        }
+      } else {
+        for kind in ["http_health_check", "tcp_health_check", "custom_health_check"] {
+          hm.unsupported(kind, "only grpc_health_check is supported: this health check of cluster '\(cluster)' is ignored", into: self.sink)
+        }
+      }
+      try hm.finish(known: [], warnings: self.sink)
+    }
+    return result
+  }
+
+  func outlierDetection(_ node: YAMLValue) throws(ConfigError) -> Cluster.OutlierDetection {
+    let m = try node.mapping()
+    var od = Cluster.OutlierDetection()
+    od.consecutive5xx = try m.optional("consecutive_5xx")?.int() ?? od.consecutive5xx
+    od.consecutiveGatewayFailure = try m.optional("consecutive_gateway_failure")?.int() ?? od.consecutiveGatewayFailure
+    od.consecutiveLocalOriginFailure = try m.optional("consecutive_local_origin_failure")?.int() ?? od.consecutiveLocalOriginFailure
+    od.baseEjectionTime = try m.optional("base_ejection_time")?.duration() ?? od.baseEjectionTime
+    od.maxEjectionTime = try m.optional("max_ejection_time")?.duration() ?? od.maxEjectionTime
+    od.maxEjectionPercent = try m.optional("max_ejection_percent")?.int() ?? od.maxEjectionPercent
+    m.accept("interval", "enforcing_consecutive_5xx", "enforcing_consecutive_gateway_failure", "enforcing_success_rate",
+      "success_rate_minimum_hosts", "success_rate_request_volume", "success_rate_stdev_factor",
+      "split_external_local_origin_errors", "enforcing_consecutive_local_origin_failure",
+      "failure_percentage_threshold", "enforcing_failure_percentage", "failure_percentage_minimum_hosts",
+      "failure_percentage_request_volume", "max_ejection_time_jitter", "successful_active_health_check_uneject_host")
+    try m.finish(known: [], warnings: self.sink)
+    return od
+  }
+
+  func circuitBreakers(_ node: YAMLValue) throws(ConfigError) -> Cluster.CircuitBreakers {
+    let m = try node.mapping()
+    var breakers = Cluster.CircuitBreakers()
+    for threshold in try m.optional("thresholds")?.sequence() ?? [] {
+      let tm = try threshold.mapping()
+      let priority = try tm.optional("priority")?.string().uppercased() ?? "DEFAULT"
+      guard priority == "DEFAULT" else {
+        tm.accept("max_connections", "max_pending_requests", "max_requests", "max_retries", "retry_budget", "track_remaining", "max_connection_pools")
+        continue
+      }
+      breakers.maxConnections = try tm.optional("max_connections")?.int() ?? breakers.maxConnections
+      breakers.maxPendingRequests = try tm.optional("max_pending_requests")?.int() ?? breakers.maxPendingRequests
+      breakers.maxRequests = try tm.optional("max_requests")?.int() ?? breakers.maxRequests
+      breakers.maxRetries = try tm.optional("max_retries")?.int() ?? breakers.maxRetries
+      tm.accept("retry_budget", "track_remaining", "max_connection_pools", "priority")
+      try tm.finish(known: [], warnings: self.sink)
+    }
+    m.accept("per_host_thresholds")
+    try m.finish(known: [], warnings: self.sink)
+    return breakers
   }
 
   static func mentionsHTTP2(_ node: Node) -> Bool {

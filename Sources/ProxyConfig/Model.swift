@@ -377,6 +377,60 @@ public struct Cluster: Sendable, Hashable {
   public var http2: Bool
   public var dnsRefreshRate: ProxyDuration
   public var dnsLookupFamily: DNSLookupFamily = .v4Preferred
+  /// `dns_failure_refresh_rate`: the retry interval after a failed lookup (base, growing to max).
+  public var dnsFailureRefreshRate: (base: ProxyDuration, max: ProxyDuration)? {
+    get { self.dnsFailureRefresh.map { ($0[0], $0[1]) } }
+    set { self.dnsFailureRefresh = newValue.map { [$0.base, $0.max] } }
+  }
+  private var dnsFailureRefresh: [ProxyDuration]?
+  /// `respect_dns_ttl`: refresh when the records' TTL runs out rather than every refresh rate.
+  public var respectDNSTTL = false
+  /// DNS servers from `dns_resolvers` or `typed_dns_resolver_config`; empty means the system's.
+  public var dnsResolvers: [HostAndPort] = []
+  public var healthCheck: HealthCheck?
+  public var outlierDetection: OutlierDetection?
+  public var circuitBreakers = CircuitBreakers()
+
+  /// Envoy's `health_checks` entry with `grpc_health_check` (the grpc.health.v1 protocol).
+  public struct HealthCheck: Sendable, Hashable {
+    public var interval: ProxyDuration
+    public var timeout: ProxyDuration
+    public var unhealthyThreshold: Int
+    public var healthyThreshold: Int
+    /// Checked name; "" asks about the whole server.
+    public var serviceName: String
+    public var authority: String?
+
+    public init(interval: ProxyDuration, timeout: ProxyDuration, unhealthyThreshold: Int = 1, healthyThreshold: Int = 1,
+      serviceName: String = "", authority: String? = nil) {
+      self.interval = interval
+      self.timeout = timeout
+      self.unhealthyThreshold = unhealthyThreshold
+      self.healthyThreshold = healthyThreshold
+      self.serviceName = serviceName
+      self.authority = authority
+    }
+  }
+
+  /// Envoy's `outlier_detection`, with Envoy's defaults.
+  public struct OutlierDetection: Sendable, Hashable {
+    public var consecutive5xx = 5
+    public var consecutiveGatewayFailure = 5
+    public var consecutiveLocalOriginFailure = 5
+    public var baseEjectionTime = ProxyDuration.seconds(30)
+    public var maxEjectionTime = ProxyDuration.seconds(300)
+    public var maxEjectionPercent = 10
+    public init() {}
+  }
+
+  /// The default-priority thresholds of `circuit_breakers`, with Envoy's defaults.
+  public struct CircuitBreakers: Sendable, Hashable {
+    public var maxConnections = 1024
+    public var maxPendingRequests = 1024
+    public var maxRequests = 1024
+    public var maxRetries = 3
+    public init() {}
+  }
 
   public init(
     name: String,

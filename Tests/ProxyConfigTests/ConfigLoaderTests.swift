@@ -110,11 +110,11 @@ let sharedAvailable = FileManager.default.fileExists(atPath: sharedDirectory.app
   }
 
   @Test func unsupportedFieldsAreWarnedAboutByName() throws {
-    let yaml = Self.minimal(connectTimeout: "1s").replacingOccurrences(of: "    type: STATIC\n", with: "    type: STATIC\n    health_checks: []\n    frobnicate: 1\n")
+    let yaml = Self.minimal(connectTimeout: "1s").replacingOccurrences(of: "    type: STATIC\n", with: "    type: STATIC\n    lb_subset_config: {}\n    frobnicate: 1\n")
     let loaded = try ConfigLoader.load(yaml: yaml)
     let paths = loaded.warnings.map(\.path)
     #expect(paths.contains("static_resources.clusters[0].frobnicate"))
-    #expect(loaded.warnings.contains { $0.message.contains("health checks") })
+    #expect(loaded.warnings.contains { $0.message.contains("'lb_subset_config' is not supported") })
   }
 
   @Test func lowerCaseEnumsAndV2Names() throws {

@@ -10,6 +10,17 @@ import NIOCore
 import NIOPosix
 import ProxyConfig
 
+/// What one DNS refresh of a cluster found.
+enum DiscoveryOutcome: Sendable, Equatable {
+  /// The endpoints, and the shortest record TTL when the resolver tells it.
+  case endpoints([HostAndPort], ttl: Duration?)
+  /// The names exist but have no address of the family asked for (or do not exist): the
+  /// cluster empties only if this repeats, as a Swarm task list can be empty for a moment.
+  case empty
+  /// The lookup failed (no answer, SERVFAIL): the last endpoints are kept.
+  case failure(String)
+}
+
 /// Finds the endpoints of each cluster: the listed addresses for STATIC, every A/AAAA record for
 /// STRICT_DNS (re-resolved every `dns_refresh_rate`), the first for LOGICAL_DNS.
 struct Discovery: Sendable {
@@ -22,28 +33,40 @@ struct Discovery: Sendable {
   func resolveAll(on eventLoop: any EventLoop) async -> [String: [HostAndPort]] {
     var result: [String: [HostAndPort]] = [:]
     for cluster in self.clusters {
-      result[cluster.name] = (try? await self.resolve(cluster, on: eventLoop)) ?? []
+      if case .endpoints(let endpoints, _) = await self.resolve(cluster, on: eventLoop) {
+        result[cluster.name] = endpoints
+      } else {
+        result[cluster.name] = []
+      }
     }
     return result
   }
 
-  func resolve(_ cluster: Cluster, on eventLoop: any EventLoop) async throws -> [HostAndPort] {
+  func resolve(_ cluster: Cluster, on eventLoop: any EventLoop) async -> DiscoveryOutcome {
     var endpoints: [HostAndPort] = []
+    var failures: [String] = []
     for endpoint in cluster.endpoints {
       let host = endpoint.host
-      let (v4, v6) = try await self.threadPool.runIfActive(eventLoop: eventLoop) { Self.lookup(host) }.get()
-      let addresses: [String]
-      switch cluster.dnsLookupFamily {
-      case .v4Only: addresses = v4
-      case .v6Only: addresses = v6
-      case .auto: addresses = v6.isEmpty ? v4 : v6
-      case .v4Preferred: addresses = v4.isEmpty ? v6 : v4
-      case .all: addresses = v4 + v6
-      }
-      if addresses.isEmpty {
-        self.logger.warning("cluster '\(cluster.name)': '\(host)' did not resolve")
+      let lookup: Lookup
+      do {
+        lookup = try await self.threadPool.runIfActive(eventLoop: eventLoop) { Self.lookup(host) }.get()
+      } catch {
+        failures.append("\(host): \(error)")
         continue
       }
+      if let failure = lookup.failure {
+        failures.append("\(host): \(failure)")
+        continue
+      }
+      let addresses: [String]
+      switch cluster.dnsLookupFamily {
+      case .v4Only: addresses = lookup.v4
+      case .v6Only: addresses = lookup.v6
+      case .auto: addresses = lookup.v6.isEmpty ? lookup.v4 : lookup.v6
+      case .v4Preferred: addresses = lookup.v4.isEmpty ? lookup.v6 : lookup.v4
+      case .all: addresses = lookup.v4 + lookup.v6
+      }
+      if addresses.isEmpty { continue }
       switch cluster.type {
       case .logicalDNS:
         endpoints.append(HostAndPort(host: addresses[0], port: endpoint.port))
@@ -52,7 +75,17 @@ struct Discovery: Sendable {
       }
     }
     var seen = Set<HostAndPort>()
-    return endpoints.filter { seen.insert($0).inserted }
+    endpoints = endpoints.filter { seen.insert($0).inserted }
+    if !endpoints.isEmpty { return .endpoints(endpoints, ttl: nil) }
+    if !failures.isEmpty { return .failure(failures.joined(separator: "; ")) }
+    return .empty
+  }
+
+  struct Lookup: Sendable {
+    var v4: [String] = []
+    var v6: [String] = []
+    /// Set when the resolver could not answer (as opposed to: the name has no address).
+    var failure: String?
   }
 
   private static func text(_ cString: [CChar]) -> String {
@@ -60,7 +93,7 @@ struct Discovery: Sendable {
   }
 
   /// Every address of a host name, IPv4 and IPv6 apart, without duplicates.
-  static func lookup(_ host: String) -> (v4: [String], v6: [String]) {
+  static func lookup(_ host: String) -> Lookup {
     var hints = addrinfo()
     hints.ai_family = AF_UNSPEC
     #if canImport(Darwin)
@@ -69,7 +102,13 @@ struct Discovery: Sendable {
     hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
     #endif
     var result: UnsafeMutablePointer<addrinfo>?
-    guard getaddrinfo(host, nil, &hints, &result) == 0, let first = result else { return ([], []) }
+    let code = getaddrinfo(host, nil, &hints, &result)
+    guard code == 0, let first = result else {
+      // "No such name" and "no address" are answers; anything else means no answer was had.
+      // EAI_NODATA (-5) is a GNU extension Swift's Glibc module does not export.
+      if code == EAI_NONAME || code == -5 { return Lookup() }
+      return Lookup(failure: String(cString: gai_strerror(code)))
+    }
     defer { freeaddrinfo(first) }
     var v4: [String] = []
     var v6: [String] = []
@@ -93,6 +132,6 @@ struct Discovery: Sendable {
       }
       pointer = info.pointee.ai_next
     }
-    return (v4, v6)
+    return Lookup(v4: v4, v6: v6)
   }
 }

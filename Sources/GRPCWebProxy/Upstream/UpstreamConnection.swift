@@ -77,6 +77,7 @@ final class UpstreamConnection {
   private let connectTimeout: ProxyDuration
   private let logger: Logger
   private let onClose: (UpstreamConnection) -> Void
+  private let onConnected: () -> Void
   private var state: State = .idle
   private var streams: [HTTP2StreamID: StreamEntry] = [:]
   private var nextStreamID: Int32 = 1
@@ -88,14 +89,19 @@ final class UpstreamConnection {
     eventLoop: any EventLoop,
     connectTimeout: ProxyDuration,
     logger: Logger,
+    onConnected: @escaping () -> Void = {},
     onClose: @escaping (UpstreamConnection) -> Void
   ) {
     self.endpoint = endpoint
     self.eventLoop = eventLoop
     self.connectTimeout = connectTimeout
     self.logger = logger
+    self.onConnected = onConnected
     self.onClose = onClose
   }
+
+  /// Calls in flight on this connection (LEAST_REQUEST compares them).
+  var activeStreams: Int { self.streams.count }
 
   // MARK: - Opening streams
 
@@ -172,6 +178,7 @@ final class UpstreamConnection {
     }
     self.logger.debug("upstream connected", metadata: ["endpoint": "\(self.endpoint)"])
     self.state = .ready(context)
+    self.onConnected()
     // The connection's receive window starts at 64 KiB whatever the settings say.
     let raise = Self.connectionWindow - 65_535
     context.write(NIOAny(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: raise))), promise: nil)
@@ -187,7 +194,7 @@ final class UpstreamConnection {
     self.state = .closed
     self.onClose(self)
     for (_, completion) in waiters {
-      completion(.failure(UpstreamUnavailable(reason: reason)))
+      completion(.failure(UpstreamUnavailable(reason: reason, connectFailure: true)))
     }
   }
 

@@ -9,19 +9,40 @@ struct UpstreamUnavailable: Error {
   var reason: String
   /// Whether there was no endpoint at all (Envoy's "no healthy upstream", not a reset).
   var noHealthyUpstream: Bool = false
+  /// The connection could not be made: nothing of the call reached the endpoint.
+  var connectFailure: Bool = false
+}
+
+/// What the event loops tell the rest of the proxy about endpoints.
+struct UpstreamEvents: Sendable {
+  var connectFailed: @Sendable (_ cluster: String, _ endpoint: HostAndPort) -> Void = { _, _ in }
+  var connected: @Sendable (_ cluster: String, _ endpoint: HostAndPort) -> Void = { _, _ in }
+
+  init(
+    connectFailed: @escaping @Sendable (String, HostAndPort) -> Void = { _, _ in },
+    connected: @escaping @Sendable (String, HostAndPort) -> Void = { _, _ in }
+  ) {
+    self.connectFailed = connectFailed
+    self.connected = connected
+  }
 }
 
 /// The upstream side of one event loop: every cluster's endpoints and the HTTP/2 connections to
 /// them. Each event loop has its own, so a call and its upstream stream never change thread and
-/// nothing here needs a lock. Discovery publishes endpoint sets to every loop's copy.
+/// nothing here needs a lock. The server publishes endpoint snapshots to every loop's copy.
 final class LoopUpstreams {
   let eventLoop: any EventLoop
   let logger: Logger
+  private let events: UpstreamEvents
   private var clusters: [String: ClusterState] = [:]
+  /// For RANDOM and LEAST_REQUEST: a cheap generator per loop (no system call per pick).
+  private var random = Xorshift(seed: UInt64.random(in: 1...UInt64.max))
 
   final class ClusterState {
     let config: Cluster
+    /// Where new calls may go.
     var endpoints: [HostAndPort] = []
+    var version: UInt64 = 0
     var next = 0
     var connections: [HostAndPort: UpstreamConnection] = [:]
 
@@ -30,29 +51,33 @@ final class LoopUpstreams {
     }
   }
 
-  init(eventLoop: any EventLoop, clusters: [Cluster], logger: Logger) {
+  init(eventLoop: any EventLoop, clusters: [Cluster], logger: Logger, events: UpstreamEvents = .init()) {
     self.eventLoop = eventLoop
     self.logger = logger
+    self.events = events
     for cluster in clusters {
       self.clusters[cluster.name] = ClusterState(config: cluster)
     }
   }
 
   /// Replaces a cluster's endpoints. Connections to endpoints that left are closed once their
-  /// calls finish (HTTP/2 GOAWAY lets in-flight streams complete).
-  func setEndpoints(_ endpoints: [HostAndPort], forCluster name: String) {
+  /// calls finish (HTTP/2 GOAWAY lets in-flight streams complete); an endpoint that is only
+  /// unhealthy keeps its connection for the calls it has.
+  func setEndpoints(_ snapshot: ClusterMembership.Snapshot, forCluster name: String) {
     self.eventLoop.preconditionInEventLoop()
-    guard let state = self.clusters[name] else { return }
-    state.endpoints = endpoints
-    let keep = Set(endpoints)
+    guard let state = self.clusters[name], snapshot.version > state.version else { return }
+    state.version = snapshot.version
+    state.endpoints = snapshot.usable
+    let keep = Set(snapshot.all)
     for (endpoint, connection) in state.connections where !keep.contains(endpoint) {
       state.connections[endpoint] = nil
       connection.retire()
     }
   }
 
-  /// Opens an HTTP/2 stream for one call on the next endpoint of the cluster, round-robin per
-  /// call: one client connection's calls spread over every endpoint.
+  /// Opens an HTTP/2 stream for one call on an endpoint chosen per call by the cluster's
+  /// `lb_policy`, so one client connection's calls spread over every endpoint. A connection that
+  /// cannot be made carried nothing of the call: it goes to the next endpoint not yet tried.
   func openStream(
     cluster name: String,
     for delegate: any UpstreamStreamDelegate,
@@ -63,23 +88,71 @@ final class LoopUpstreams {
       completion(.failure(UpstreamUnavailable(reason: "no healthy upstream", noHealthyUpstream: true)))
       return
     }
-    let endpoint = state.endpoints[state.next % state.endpoints.count]
-    state.next &+= 1
-    let connection: UpstreamConnection
-    if let existing = state.connections[endpoint] {
-      connection = existing
-    } else {
-      connection = UpstreamConnection(
-        endpoint: endpoint,
-        eventLoop: self.eventLoop,
-        connectTimeout: state.config.connectTimeout,
-        logger: self.logger
-      ) { [weak state] closed in
-        if state?.connections[endpoint] === closed { state?.connections[endpoint] = nil }
-      }
-      state.connections[endpoint] = connection
+    self.attempt(state, for: delegate, tried: [], completion: completion)
+  }
+
+  private func attempt(
+    _ state: ClusterState,
+    for delegate: any UpstreamStreamDelegate,
+    tried: [HostAndPort],
+    completion: @escaping UpstreamConnection.Completion
+  ) {
+    guard let endpoint = self.pick(state, excluding: tried) else {
+      completion(.failure(UpstreamUnavailable(reason: "no healthy upstream", noHealthyUpstream: true)))
+      return
     }
-    connection.openStream(for: delegate, completion: completion)
+    self.connection(to: endpoint, in: state).openStream(for: delegate) { result in
+      guard case .failure(let error) = result, error.connectFailure else {
+        completion(result)
+        return
+      }
+      self.events.connectFailed(state.config.name, endpoint)
+      let tried = tried + [endpoint]
+      if state.endpoints.contains(where: { !tried.contains($0) }) {
+        self.attempt(state, for: delegate, tried: tried, completion: completion)
+      } else {
+        completion(result)
+      }
+    }
+  }
+
+  private func pick(_ state: ClusterState, excluding tried: [HostAndPort]) -> HostAndPort? {
+    let endpoints = tried.isEmpty ? state.endpoints : state.endpoints.filter { !tried.contains($0) }
+    guard !endpoints.isEmpty else { return nil }
+    if endpoints.count == 1 { return endpoints[0] }
+    switch state.config.loadBalancing {
+    case .roundRobin:
+      let endpoint = endpoints[state.next % endpoints.count]
+      state.next &+= 1
+      return endpoint
+    case .random:
+      return endpoints[Int(self.random.next() % UInt64(endpoints.count))]
+    case .leastRequest:
+      // Power of two choices: two distinct endpoints at random, the one with fewer calls.
+      let count = UInt64(endpoints.count)
+      let a = Int(self.random.next() % count)
+      let b = (a + 1 + Int(self.random.next() % (count - 1))) % endpoints.count
+      let loadA = state.connections[endpoints[a]]?.activeStreams ?? 0
+      let loadB = state.connections[endpoints[b]]?.activeStreams ?? 0
+      return loadB < loadA ? endpoints[b] : endpoints[a]
+    }
+  }
+
+  private func connection(to endpoint: HostAndPort, in state: ClusterState) -> UpstreamConnection {
+    if let existing = state.connections[endpoint] { return existing }
+    let cluster = state.config.name
+    let events = self.events
+    let connection = UpstreamConnection(
+      endpoint: endpoint,
+      eventLoop: self.eventLoop,
+      connectTimeout: state.config.connectTimeout,
+      logger: self.logger,
+      onConnected: { events.connected(cluster, endpoint) }
+    ) { [weak state] closed in
+      if state?.connections[endpoint] === closed { state?.connections[endpoint] = nil }
+    }
+    state.connections[endpoint] = connection
+    return connection
   }
 
   func closeAll() {
@@ -90,3 +163,18 @@ final class LoopUpstreams {
   }
 }
 
+/// xorshift64*: fast and good enough to spread calls; not for anything secret.
+struct Xorshift {
+  private var state: UInt64
+
+  init(seed: UInt64) {
+    self.state = seed == 0 ? 0x9E37_79B9_7F4A_7C15 : seed
+  }
+
+  mutating func next() -> UInt64 {
+    self.state ^= self.state >> 12
+    self.state ^= self.state << 25
+    self.state ^= self.state >> 27
+    return self.state &* 0x2545_F491_4F6C_DD1D
+  }
+}
