@@ -69,7 +69,7 @@ public enum EmbeddedDefault {
                     allow_origin_string_match:
                     - prefix: "*"
                     allow_methods: GET, PUT, DELETE, POST, OPTIONS
-                    allow_headers: keep-alive,user-agent,cache-control,content-type,content-transfer-encoding,x-accept-content-transfer-encoding,x-accept-response-streaming,x-user-agent,x-grpc-web,grpc-timeout,authorization
+                    allow_headers: keep-alive,user-agent,cache-control,content-type,content-transfer-encoding,x-accept-content-transfer-encoding,x-accept-response-streaming,x-user-agent,x-grpc-web,grpc-timeout,grpc-accept-encoding,authorization
                     max_age: "1728000"
                     expose_headers: grpc-status,grpc-message,x-replica
               http_filters:
