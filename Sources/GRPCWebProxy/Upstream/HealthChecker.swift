@@ -12,7 +12,8 @@ final class HealthChecker: Sendable {
   private let check: Cluster.HealthCheck
   private let eventLoop: any EventLoop
   private let logger: Logger
-  private let connections: NIOLoopBound<Connections>
+  /// Made off the loop, filled on it.
+  private let box: NIOLoopBoundBox<Connections?>
 
   private final class Connections {
     var byEndpoint: [HostAndPort: UpstreamConnection] = [:]
@@ -23,7 +24,7 @@ final class HealthChecker: Sendable {
     self.check = check
     self.eventLoop = eventLoop
     self.logger = logger
-    self.connections = NIOLoopBound(Connections(), eventLoop: eventLoop)
+    self.box = .makeEmptyBox(valueType: Connections.self, eventLoop: eventLoop)
   }
 
   /// Checks until cancelled. `report` gets each result: endpoint, passed, and what was wrong.
@@ -52,7 +53,7 @@ final class HealthChecker: Sendable {
         }
         do { try await Task.sleep(for: .milliseconds(50)) } catch { break }
       }
-      self.eventLoop.execute { self.forget(Set(self.connections.value.byEndpoint.keys)) }
+      self.eventLoop.execute { self.forget(Set(self.connections.byEndpoint.keys)) }
     }
   }
 
@@ -62,14 +63,22 @@ final class HealthChecker: Sendable {
     return (try? await promise.futureResult.get()) ?? (false, "no result")
   }
 
+  /// On the loop.
+  private var connections: Connections {
+    if let connections = self.box.value { return connections }
+    let connections = Connections()
+    self.box.value = connections
+    return connections
+  }
+
   private func forget(_ endpoints: Set<HostAndPort>) {
     for endpoint in endpoints {
-      self.connections.value.byEndpoint.removeValue(forKey: endpoint)?.retire()
+      self.connections.byEndpoint.removeValue(forKey: endpoint)?.retire()
     }
   }
 
   private func start(_ endpoint: HostAndPort, promise: EventLoopPromise<(Bool, String)>) {
-    let connections = self.connections.value
+    let connections = self.connections
     let connection: UpstreamConnection
     if let existing = connections.byEndpoint[endpoint] {
       connection = existing

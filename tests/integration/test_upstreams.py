@@ -1,0 +1,176 @@
+"""Upstream endpoints: health checks, balancing policies, sick and killed replicas."""
+
+import collections
+import signal
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from conftest import Replica, free_port, start_proxy
+from grpcweb import HTTP2, login_req, pb_decode
+
+import envoy_yaml
+
+
+def cluster_config(port, admin, ports, extra="", lb="ROUND_ROBIN"):
+    routes = """
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                route: { cluster: users, timeout: 0s }"""
+    text = envoy_yaml.config([envoy_yaml.listener("test", port, routes)],
+                             [envoy_yaml.cluster("users", ports, connect_timeout="0.5s", extra=extra)], admin_port=admin)
+    return text.replace("lb_policy: ROUND_ROBIN", f"lb_policy: {lb}")
+
+
+HEALTH_CHECKS = """
+    health_checks:
+    - timeout: 0.5s
+      interval: 0.2s
+      unhealthy_threshold: 1
+      healthy_threshold: 1
+      grpc_health_check: {}"""
+
+
+def admin_text(admin, path):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def wait_until(predicate, timeout=5.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def logins(port, n):
+    """n logins on one HTTP/2 connection: replica name (or None) -> count, and the failures."""
+    seen = collections.Counter()
+    failures = []
+    c = HTTP2(port)
+    try:
+        for _ in range(n):
+            r = c.call("/demo.User/login", login_req("demo", "demo123"))
+            if r.grpc_status == 0:
+                seen[pb_decode(r.messages[0])[3].decode()] += 1
+            else:
+                failures.append((r.status, r.grpc_status, r.grpc_message))
+    finally:
+        c.close()
+    return seen, failures
+
+
+@pytest.fixture
+def own_replicas():
+    rs = [Replica(f"h{i}", free_port()) for i in (1, 2, 3)]
+    yield rs
+    for r in rs:
+        r.stop()
+
+
+def test_not_serving_replica_gets_no_calls_until_it_recovers(own_replicas):
+    port, admin = free_port(), free_port()
+    p = start_proxy(cluster_config(port, admin, [r.port for r in own_replicas], HEALTH_CHECKS), port)
+    try:
+        sick = own_replicas[1]
+        wait_until(lambda: admin_text(admin, "/clusters")[1].count("::healthy") == 3, what="three healthy endpoints")
+        sick.proc.send_signal(signal.SIGUSR1)  # the replica's grpc.health.v1 answers NOT_SERVING
+        wait_until(lambda: f"127.0.0.1:{sick.port}::health_flags::/failed_active_hc" in admin_text(admin, "/clusters")[1],
+                   what="the health check to fail")
+        seen, failures = logins(port, 60)
+        assert failures == []
+        assert sick.name not in seen and sum(seen.values()) == 60, seen
+        assert "h2" not in seen
+
+        sick.proc.send_signal(signal.SIGUSR2)  # SERVING again
+        wait_until(lambda: admin_text(admin, "/clusters")[1].count("::healthy") == 3, what="the replica to recover")
+        seen, failures = logins(port, 60)
+        assert failures == [] and seen[sick.name] == 20, seen
+        assert "is healthy again" in p.output()
+    finally:
+        p.stop()
+
+
+def test_no_healthy_endpoint_fails_at_once_and_ready_says_so(own_replicas):
+    port, admin = free_port(), free_port()
+    p = start_proxy(cluster_config(port, admin, [r.port for r in own_replicas], HEALTH_CHECKS), port)
+    try:
+        wait_until(lambda: admin_text(admin, "/ready")[0] == 200, what="ready")
+        for r in own_replicas:
+            r.proc.send_signal(signal.SIGUSR1)
+        wait_until(lambda: admin_text(admin, "/ready") == (503, "NO HEALTHY UPSTREAM\n"), what="/ready to turn 503")
+        c = HTTP2(port)
+        start = time.monotonic()
+        r = c.call("/demo.User/login", login_req("demo", "demo123"))
+        elapsed = time.monotonic() - start
+        c.close()
+        assert (r.status, r.grpc_status, r.grpc_message) == (503, 14, "no healthy upstream")
+        assert elapsed < 0.5, f"took {elapsed:.3f}s"
+    finally:
+        p.stop()
+
+
+@pytest.mark.parametrize("lb", ["LEAST_REQUEST", "RANDOM"])
+def test_other_balancing_policies_use_every_endpoint(replicas, lb):
+    port, admin = free_port(), free_port()
+    p = start_proxy(cluster_config(port, admin, [r.port for r in replicas], lb=lb), port)
+    try:
+        seen, failures = logins(port, 300)
+        assert failures == []
+        assert set(seen) == {"r1", "r2", "r3"}
+        assert min(seen.values()) >= 50, seen
+    finally:
+        p.stop()
+
+
+def test_replica_killed_without_warning(own_replicas):
+    """Only calls in flight on the killed replica may fail, with status 14 and never a hang;
+    then no call goes to it (a refused connection moves the call to another endpoint)."""
+    port, admin = free_port(), free_port()
+    p = start_proxy(cluster_config(port, admin, [r.port for r in own_replicas]), port)
+    results = []
+    stop = threading.Event()
+
+    def load():
+        c = HTTP2(port, timeout=5)
+        try:
+            while not stop.is_set():
+                start = time.monotonic()
+                r = c.call("/demo.User/login", login_req("demo", "demo123"))
+                replica = pb_decode(r.messages[0])[3].decode() if r.grpc_status == 0 else None
+                results.append((time.monotonic(), time.monotonic() - start, r.grpc_status, replica))
+        finally:
+            c.close()
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    try:
+        for w in workers:
+            w.start()
+        time.sleep(1.0)
+        victim = own_replicas[0]
+        killed_at = time.monotonic()
+        victim.stop(kill=True)
+        time.sleep(1.5)
+        stop.set()
+        for w in workers:
+            w.join(timeout=10)
+            assert not w.is_alive(), "a call hung"
+    finally:
+        stop.set()
+        p.stop()
+    failed = [r for r in results if r[2] != 0]
+    assert all(status == 14 for _, _, status, _ in failed), failed
+    assert len(failed) <= 4, f"{len(failed)} failed calls; at most the 4 in flight may"
+    after = [r for r in results if r[0] > killed_at + 0.2]
+    assert len(after) > 100
+    assert all(r[3] != victim.name for r in after), "a call went to the killed replica"
+    assert max(r[1] for r in results) < 2.0
