@@ -114,6 +114,17 @@ let package = Package(
       swiftSettings: defaultSwiftSettings
     ),
     .testTarget(
+      name: "GRPCWebProxyTests",
+      dependencies: [
+        "GRPCWebProxy",
+        "GRPCWebCore",
+        "ProxyConfig",
+        .product(name: "NIOCore", package: "swift-nio"),
+        .product(name: "NIOPosix", package: "swift-nio"),
+      ],
+      swiftSettings: defaultSwiftSettings
+    ),
+    .testTarget(
       name: "ProxyConfigTests",
       dependencies: ["ProxyConfig"],
       swiftSettings: defaultSwiftSettings
