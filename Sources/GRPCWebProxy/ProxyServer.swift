@@ -74,9 +74,10 @@ public final class ProxyServer: Service {
     let routeTables = config.listeners.map { RouteTable($0.routeConfig) }
     let directory = UpstreamDirectory(clusters: config.clusters, status: self.status, logger: logger)
     let events = directory.events
+    let counters = directory.counters
     for loop in self.group.makeIterator() {
       let state = try await loop.submit {
-        let upstreams = LoopUpstreams(eventLoop: loop, clusters: config.clusters, logger: logger, events: events)
+        let upstreams = LoopUpstreams(eventLoop: loop, clusters: config.clusters, logger: logger, events: events, counters: counters)
         directory.register(NIOLoopBound(upstreams, eventLoop: loop))
         let connections = LoopConnections()
         let listeners = zip(config.listeners, routeTables).map {

@@ -691,11 +691,12 @@ private struct Reader {
     let healthCheck = try self.healthChecks(m, cluster: name)
     let outlier = try m.optional("outlier_detection").map { v throws(ConfigError) in try self.outlierDetection(v) }
     let breakers = try m.optional("circuit_breakers").map { v throws(ConfigError) in try self.circuitBreakers(v) }
-    if let node = m.optional("outlier_detection") {
-      self.sink.add(node, "outlier_detection is read but not acted on yet: endpoints are not ejected after failed calls (a refused connection still sets an endpoint aside)")
-    }
-    if let node = m.optional("circuit_breakers") {
-      self.sink.add(node, "circuit_breakers are read but not enforced yet")
+    if let node = m.optional("circuit_breakers"), let breakers,
+      breakers.maxConnections != Cluster.CircuitBreakers().maxConnections
+        || breakers.maxPendingRequests != Cluster.CircuitBreakers().maxPendingRequests
+        || breakers.maxRetries != Cluster.CircuitBreakers().maxRetries
+    {
+      self.sink.add(node, "of circuit_breakers only max_requests is enforced yet; max_connections, max_pending_requests and max_retries are not")
     }
     let respectTTL = try m.optional("respect_dns_ttl")?.bool() ?? false
     var failureRefresh: (base: ProxyDuration, max: ProxyDuration)?

@@ -18,6 +18,10 @@ public struct EchoService: Demo_Echo.ServiceProtocol {
     let message = request.message
     if message.delayMs > 0 { try await Task.sleep(for: .milliseconds(Int(message.delayMs))) }
     let (headers, trailers) = Self.echoedMetadata(request.metadata)
+    // A sick replica, for tests of outlier detection: only the named one fails.
+    if request.metadata[stringValues: "x-fail-replica"].contains(where: { $0 == self.replica }) {
+      throw RPCError(code: .unavailable, message: "replica \(self.replica) is failing on purpose", metadata: ["x-replica": "\(self.replica)"])
+    }
     if message.failCode != 0 {
       throw RPCError(code: Self.code(message.failCode), message: message.failMessage, metadata: trailers)
     }

@@ -174,3 +174,69 @@ def test_replica_killed_without_warning(own_replicas):
     assert len(after) > 100
     assert all(r[3] != victim.name for r in after), "a call went to the killed replica"
     assert max(r[1] for r in results) < 2.0
+
+
+OUTLIER = """
+    outlier_detection:
+      consecutive_5xx: 3
+      base_ejection_time: 2s
+      max_ejection_percent: 50"""
+
+
+def test_outlier_detection_ejects_a_failing_replica_then_lets_it_back(own_replicas):
+    from grpcweb import echo_req
+
+    port, admin = free_port(), free_port()
+    p = start_proxy(cluster_config(port, admin, [r.port for r in own_replicas], OUTLIER), port)
+    sick = own_replicas[1].name
+    try:
+        c = HTTP2(port)
+        failures = 0
+        answered = collections.Counter()
+        for _ in range(60):
+            r = c.call("/demo.Echo/Unary", echo_req("x"), headers={"x-fail-replica": sick})
+            if r.grpc_status == 0:
+                answered[pb_decode(r.messages[0])[2].decode()] += 1
+            else:
+                assert r.grpc_status == 14 and "failing on purpose" in r.grpc_message
+                failures += 1
+        assert failures == 3, "three failures in a row eject the replica; no call goes to it after"
+        assert sick not in answered and sum(answered.values()) == 57
+        assert "ejected after 3 consecutive 5xx" in p.output()
+        status, text = admin_text(admin, "/clusters")
+        assert text.count("::healthy") == 2
+
+        time.sleep(2.3)  # base_ejection_time: it takes calls again
+        seen, _ = logins(port, 30)
+        assert seen[sick] == 10, seen
+        c.close()
+    finally:
+        p.stop()
+
+
+def test_circuit_breaker_max_requests_fails_the_extra_call_fast(replicas):
+    from grpcweb import echo_req
+
+    port, admin = free_port(), free_port()
+    breakers = """
+    circuit_breakers:
+      thresholds:
+      - max_requests: 2"""
+    p = start_proxy(cluster_config(port, admin, [r.port for r in replicas], breakers), port)
+    try:
+        c = HTTP2(port)
+        slow = [c.start("/demo.Echo/Unary", {"content-type": "application/grpc-web+proto"},
+                        __import__("grpcweb").frame(echo_req("slow", delay_ms=1500))) for _ in range(2)]
+        time.sleep(0.3)
+        start = time.monotonic()
+        r = c.call("/demo.Echo/Unary", echo_req("third"))
+        assert time.monotonic() - start < 0.5
+        assert (r.status, r.grpc_status) == (503, 14)
+        assert "max_requests" in r.grpc_message and "overflow" in r.grpc_message
+        for sid in slow:
+            assert c.finish(sid)["ended"]
+        # The slots are given back: calls go through again.
+        assert c.call("/demo.Echo/Unary", echo_req("later")).grpc_status == 0
+        c.close()
+    finally:
+        p.stop()

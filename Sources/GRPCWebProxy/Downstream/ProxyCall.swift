@@ -78,6 +78,11 @@ final class ProxyCall: UpstreamStreamDelegate {
   /// the connection.
   private var upstreamEnded = false
   private var requestSentEnd = false
+  /// The cluster and endpoint the call holds a slot on, from its stream until it ends.
+  private var upstreamSlot: (cluster: String, endpoint: HostAndPort)?
+  /// What the endpoint answered, as an HTTP status, for outlier detection.
+  private var upstreamOutcome: Int?
+  private var clusterName = ""
 
   init(runtime: ListenerRuntime, eventLoop: any EventLoop, allocator: ByteBufferAllocator, downstream: any DownstreamStream) {
     self.runtime = runtime
@@ -160,6 +165,7 @@ final class ProxyCall: UpstreamStreamDelegate {
     if endStream, plan.start == .requestEnd { self.startDeadline() }
     self.upstream = .opening(pending: [.headers(.init(headers: upstreamHeaders, endStream: endStream))])
 
+    self.clusterName = clusterName
     self.runtime.upstreams.openStream(cluster: clusterName, for: self) { result in
       self.upstreamOpened(result)
     }
@@ -236,11 +242,15 @@ final class ProxyCall: UpstreamStreamDelegate {
   private func upstreamOpened(_ result: Result<UpstreamStream, UpstreamUnavailable>) {
     guard case .opening(let pending) = self.upstream else {
       // The call ended while its connection was being made; the stream was never started.
-      if case .success(let stream) = result { stream.release() }
+      if case .success(let stream) = result {
+        stream.release()
+        self.runtime.upstreams.callEnded(cluster: self.clusterName, endpoint: stream.connection.endpoint, status: nil)
+      }
       return
     }
     switch result {
     case .success(let stream):
+      self.upstreamSlot = (self.clusterName, stream.connection.endpoint)
       self.upstream = .open(stream)
       for frame in pending { stream.write(frame) }
     case .failure(let error):
@@ -251,7 +261,12 @@ final class ProxyCall: UpstreamStreamDelegate {
   }
 
   func upstreamHeaders(_ headers: HPACKHeaders, endStream: Bool) {
-    if endStream { self.upstreamEnded = true }
+    if endStream {
+      self.upstreamEnded = true
+      self.upstreamOutcome = Self.outcome(headers)
+    } else if let status = headers.first(name: ":status"), status != "200" {
+      self.upstreamOutcome = Int(status)
+    }
     self.apply(self.translator.receiveHeaders(headers, endStream: endStream))
   }
 
@@ -269,6 +284,7 @@ final class ProxyCall: UpstreamStreamDelegate {
   func upstreamClosed(reason: String) {
     if case .open = self.upstream { self.upstream = .closed }
     guard !self.translator.isFinished else { return }
+    if !self.upstreamEnded { self.upstreamOutcome = 503 }
     self.runtime.logger.debug("upstream stream ended early", metadata: ["reason": "\(reason)", "headSent": "\(self.translator.headSent)"])
     self.apply(self.translator.fail(.upstreamReset(reason: reason)))
   }
@@ -363,10 +379,37 @@ final class ProxyCall: UpstreamStreamDelegate {
     return false
   }
 
-  /// The response has ended: stop the timer and cancel the upstream stream if it is still open.
+  /// An answer's trailers (or trailers-only headers) as the HTTP status Envoy's outlier detection
+  /// counts: grpc-status mapped to HTTP, or the `:status` of a non-gRPC answer.
+  private static func outcome(_ headers: HPACKHeaders) -> Int? {
+    if let grpc = headers.first(name: "grpc-status") {
+      switch Int(grpc) ?? 2 {
+      case 0: return 200
+      case 1: return 499
+      case 3, 9, 11: return 400
+      case 4: return 504
+      case 5: return 404
+      case 6, 10: return 409
+      case 7: return 403
+      case 8: return 429
+      case 12: return 501
+      case 14: return 503
+      case 16: return 401
+      default: return 500
+      }
+    }
+    return headers.first(name: ":status").flatMap { Int($0) }
+  }
+
+  /// The response has ended: stop the timer, cancel the upstream stream if it is still open, and
+  /// give back the call's slot on its cluster.
   private func cleanUp() {
     self.deadlineTask?.cancel()
     self.deadlineTask = nil
+    if let slot = self.upstreamSlot {
+      self.upstreamSlot = nil
+      self.runtime.upstreams.callEnded(cluster: slot.cluster, endpoint: slot.endpoint, status: self.upstreamOutcome)
+    }
     switch self.upstream {
     case .open(let stream):
       self.upstream = .closed

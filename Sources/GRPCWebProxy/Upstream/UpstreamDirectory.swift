@@ -8,6 +8,7 @@ import Synchronization
 /// change is published to every loop's `LoopUpstreams` as a snapshot.
 final class UpstreamDirectory: Sendable {
   let memberships: [String: ClusterMembership]
+  let counters: [String: ClusterCounters]
   private let status: ProxyStatus
   private let logger: Logger
   private let loops = Mutex<[NIOLoopBound<LoopUpstreams>]>([])
@@ -20,6 +21,7 @@ final class UpstreamDirectory: Sendable {
 
   init(clusters: [Cluster], status: ProxyStatus, logger: Logger) {
     self.memberships = Dictionary(uniqueKeysWithValues: clusters.map { ($0.name, ClusterMembership(cluster: $0)) })
+    self.counters = Dictionary(uniqueKeysWithValues: clusters.map { ($0.name, ClusterCounters()) })
     self.status = status
     self.logger = logger
   }
@@ -31,7 +33,8 @@ final class UpstreamDirectory: Sendable {
   var events: UpstreamEvents {
     UpstreamEvents(
       connectFailed: { [weak self] cluster, endpoint in self?.connectFailed(cluster: cluster, endpoint: endpoint) },
-      connected: { [weak self] cluster, endpoint in self?.memberships[cluster]?.connected(endpoint) }
+      connected: { [weak self] cluster, endpoint in self?.memberships[cluster]?.connected(endpoint) },
+      eject: { [weak self] cluster, endpoint, why in self?.eject(endpoint, cluster: cluster, why: why) }
     )
   }
 

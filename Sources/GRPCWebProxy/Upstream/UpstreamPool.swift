@@ -2,6 +2,7 @@ import GRPCWebCore
 import Logging
 import NIOCore
 import ProxyConfig
+import Synchronization
 
 /// Why an upstream stream could not be had.
 struct UpstreamUnavailable: Error {
@@ -15,16 +16,28 @@ struct UpstreamUnavailable: Error {
 
 /// What the event loops tell the rest of the proxy about endpoints.
 struct UpstreamEvents: Sendable {
-  var connectFailed: @Sendable (_ cluster: String, _ endpoint: HostAndPort) -> Void = { _, _ in }
-  var connected: @Sendable (_ cluster: String, _ endpoint: HostAndPort) -> Void = { _, _ in }
+  var connectFailed: @Sendable (_ cluster: String, _ endpoint: HostAndPort) -> Void
+  var connected: @Sendable (_ cluster: String, _ endpoint: HostAndPort) -> Void
+  /// Outlier detection: the endpoint failed too many calls in a row.
+  var eject: @Sendable (_ cluster: String, _ endpoint: HostAndPort, _ why: String) -> Void
 
   init(
     connectFailed: @escaping @Sendable (String, HostAndPort) -> Void = { _, _ in },
-    connected: @escaping @Sendable (String, HostAndPort) -> Void = { _, _ in }
+    connected: @escaping @Sendable (String, HostAndPort) -> Void = { _, _ in },
+    eject: @escaping @Sendable (String, HostAndPort, String) -> Void = { _, _, _ in }
   ) {
     self.connectFailed = connectFailed
     self.connected = connected
+    self.eject = eject
   }
+}
+
+/// A cluster's calls in flight, across every event loop, for `circuit_breakers`. One atomic
+/// add and one subtract per call; no lock.
+final class ClusterCounters: Sendable {
+  let activeRequests = Atomic<Int>(0)
+  let pendingRequests = Atomic<Int>(0)
+  init() {}
 }
 
 /// The upstream side of one event loop: every cluster's endpoints and the HTTP/2 connections to
@@ -40,23 +53,30 @@ final class LoopUpstreams {
 
   final class ClusterState {
     let config: Cluster
+    let counters: ClusterCounters
     /// Where new calls may go.
     var endpoints: [HostAndPort] = []
     var version: UInt64 = 0
     var next = 0
     var connections: [HostAndPort: UpstreamConnection] = [:]
+    /// Outlier detection as this loop sees it: consecutive failures per endpoint.
+    var failures: [HostAndPort: (serverErrors: Int, gatewayFailures: Int)] = [:]
 
-    init(config: Cluster) {
+    init(config: Cluster, counters: ClusterCounters) {
       self.config = config
+      self.counters = counters
     }
   }
 
-  init(eventLoop: any EventLoop, clusters: [Cluster], logger: Logger, events: UpstreamEvents = .init()) {
+  init(
+    eventLoop: any EventLoop, clusters: [Cluster], logger: Logger, events: UpstreamEvents = .init(),
+    counters: [String: ClusterCounters] = [:]
+  ) {
     self.eventLoop = eventLoop
     self.logger = logger
     self.events = events
     for cluster in clusters {
-      self.clusters[cluster.name] = ClusterState(config: cluster)
+      self.clusters[cluster.name] = ClusterState(config: cluster, counters: counters[cluster.name] ?? ClusterCounters())
     }
   }
 
@@ -88,7 +108,43 @@ final class LoopUpstreams {
       completion(.failure(UpstreamUnavailable(reason: "no healthy upstream", noHealthyUpstream: true)))
       return
     }
-    self.attempt(state, for: delegate, tried: [], completion: completion)
+    // Circuit breaker: a call takes a slot for as long as it lasts (released by callEnded).
+    let limits = state.config.circuitBreakers
+    let active = state.counters.activeRequests.add(1, ordering: .relaxed).newValue
+    if active > limits.maxRequests {
+      state.counters.activeRequests.subtract(1, ordering: .relaxed)
+      completion(.failure(UpstreamUnavailable(
+        reason: "overflow: cluster '\(name)' already has \(limits.maxRequests) calls in flight (circuit_breakers max_requests)")))
+      return
+    }
+    self.attempt(state, for: delegate, tried: [], completion: { result in
+      if case .failure = result { state.counters.activeRequests.subtract(1, ordering: .relaxed) }
+      completion(result)
+    })
+  }
+
+  /// A call that got a stream has ended. `status` is what the endpoint answered, as an HTTP
+  /// status (gRPC statuses mapped as Envoy maps them), or 503 for a reset or lost connection;
+  /// nil when the client went away first, which says nothing of the endpoint.
+  func callEnded(cluster name: String, endpoint: HostAndPort, status: Int?) {
+    guard let state = self.clusters[name] else { return }
+    state.counters.activeRequests.subtract(1, ordering: .relaxed)
+    guard let od = state.config.outlierDetection, let status else { return }
+    var count = state.failures[endpoint] ?? (0, 0)
+    if status >= 500 {
+      count.serverErrors += 1
+      count.gatewayFailures = (502...504).contains(status) ? count.gatewayFailures + 1 : 0
+    } else {
+      count = (0, 0)
+    }
+    if od.consecutive5xx > 0 && count.serverErrors >= od.consecutive5xx {
+      self.events.eject(name, endpoint, "\(count.serverErrors) consecutive 5xx (consecutive_5xx)")
+      count = (0, 0)
+    } else if od.consecutiveGatewayFailure > 0 && count.gatewayFailures >= od.consecutiveGatewayFailure {
+      self.events.eject(name, endpoint, "\(count.gatewayFailures) consecutive gateway failures (consecutive_gateway_failure)")
+      count = (0, 0)
+    }
+    state.failures[endpoint] = count == (0, 0) ? nil : count
   }
 
   private func attempt(
