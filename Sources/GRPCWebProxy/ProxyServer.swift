@@ -215,6 +215,7 @@ public final class ProxyServer: Service {
       }
       switch await discovery.resolve(cluster, on: loop) {
       case .endpoints(let endpoints, let ttl):
+        directory.count("update_success", cluster: cluster.name)
         failures = 0
         emptyAnswers = 0
         wait = cluster.respectDNSTTL ? max(ttl ?? refresh, .milliseconds(100)) : refresh
@@ -224,6 +225,7 @@ public final class ProxyServer: Service {
           directory.discovered(endpoints, cluster: cluster.name)
         }
       case .empty:
+        directory.count("update_empty", cluster: cluster.name)
         failures = 0
         emptyAnswers += 1
         wait = refresh
@@ -236,6 +238,7 @@ public final class ProxyServer: Service {
           logger.warning("cluster '\(cluster.name)': DNS returned no addresses; keeping \(last.count) known endpoints until the next lookup says the same")
         }
       case .failure(let reason):
+        directory.count("update_failure", cluster: cluster.name)
         failures += 1
         emptyAnswers = 0
         if let rate = cluster.dnsFailureRefreshRate {

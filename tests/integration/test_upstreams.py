@@ -240,3 +240,70 @@ def test_circuit_breaker_max_requests_fails_the_extra_call_fast(replicas):
         c.close()
     finally:
         p.stop()
+
+
+class RefusingBackend:
+    """An HTTP/2 server that processes no call: it answers each stream with RST_STREAM
+    REFUSED_STREAM, or the first one with GOAWAY (last stream 0) and closes."""
+
+    def __init__(self, mode):
+        import socket as socketlib
+
+        import h2.config
+        import h2.connection
+        import h2.events
+
+        self.mode, self.port = mode, free_port()
+        self.listener = socketlib.create_server(("127.0.0.1", self.port))
+        self.streams_seen = 0
+        self.h2 = (h2.config, h2.connection, h2.events)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, sock):
+        config, connection, events = self.h2
+        c = connection.H2Connection(config=config.H2Configuration(client_side=False))
+        c.initiate_connection()
+        sock.sendall(c.data_to_send())
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                for event in c.receive_data(data):
+                    if isinstance(event, events.RequestReceived):
+                        self.streams_seen += 1
+                        if self.mode == "goaway":
+                            c.close_connection(last_stream_id=0)
+                            sock.sendall(c.data_to_send())
+                            sock.close()
+                            return
+                        c.reset_stream(event.stream_id, error_code=7)  # REFUSED_STREAM
+                sock.sendall(c.data_to_send())
+        except OSError:
+            pass
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.mark.parametrize("mode", ["refuse", "goaway"])
+def test_calls_the_server_never_processed_go_to_another_endpoint(replicas, mode):
+    backend = RefusingBackend(mode)
+    port, admin = free_port(), free_port()
+    p = start_proxy(cluster_config(port, admin, [backend.port, replicas[0].port]), port)
+    try:
+        seen, failures = logins(port, 20)
+        assert failures == []
+        assert seen == {"r1": 20}
+        assert backend.streams_seen >= 5, "about half the calls went to the refusing endpoint first"
+    finally:
+        p.stop()
+        backend.close()

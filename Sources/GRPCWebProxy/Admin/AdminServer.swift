@@ -11,6 +11,7 @@ final class AdminHandler: ChannelInboundHandler {
     grpc-web-proxy admin
       GET  /ready              200 LIVE while serving; 503 when draining, failed by hand, or no backend is healthy
       GET  /clusters           every endpoint of every cluster, with its health
+      GET  /stats              counters: DNS refreshes, health checks, ejections, membership
       POST /healthcheck/fail   make /ready answer 503 (take the proxy out of rotation)
       POST /healthcheck/ok     undo /healthcheck/fail
 
@@ -58,6 +59,9 @@ final class AdminHandler: ChannelInboundHandler {
     case "/clusters":
       guard isRead else { return (.methodNotAllowed, "use GET\n") }
       return (.ok, self.status.clustersText())
+    case "/stats":
+      guard isRead else { return (.methodNotAllowed, "use GET\n") }
+      return (.ok, self.status.statsText())
     case "/healthcheck/fail", "/healthcheck/ok":
       // Changes state, so POST only, as in Envoy: a stray GET from a browser must not do it.
       guard head.method == .POST else { return (.methodNotAllowed, "use POST\n") }

@@ -15,6 +15,7 @@ public final class ProxyStatus: Sendable {
     var failingHealthChecks = false
     var clusters: [String: [Endpoint]] = [:]
     var clusterOrder: [String] = []
+    var counters: [String: Int] = [:]
   }
 
   private let state = Mutex(State())
@@ -40,6 +41,24 @@ public final class ProxyStatus: Sendable {
     self.state.withLock { state in
       guard let index = state.clusters[cluster]?.firstIndex(where: { $0.address == address }) else { return }
       state.clusters[cluster]![index].healthy = healthy
+    }
+  }
+
+  /// Adds to a counter of `/stats`, named as Envoy names it (`cluster.<name>.update_failure`).
+  func count(_ name: String, by amount: Int = 1) {
+    self.state.withLock { $0.counters[name, default: 0] += amount }
+  }
+
+  /// `/stats`: the counters, and each cluster's membership, one `name: value` a line.
+  public func statsText() -> String {
+    self.state.withLock { state in
+      var lines = state.counters.map { "\($0.key): \($0.value)" }
+      for name in state.clusterOrder {
+        let endpoints = state.clusters[name] ?? []
+        lines.append("cluster.\(name).membership_total: \(endpoints.count)")
+        lines.append("cluster.\(name).membership_healthy: \(endpoints.filter(\.healthy).count)")
+      }
+      return lines.sorted().joined(separator: "\n") + "\n"
     }
   }
 

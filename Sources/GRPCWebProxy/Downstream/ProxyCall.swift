@@ -82,6 +82,14 @@ final class ProxyCall: UpstreamStreamDelegate {
   private var upstreamSlot: (cluster: String, endpoint: HostAndPort)?
   /// What the endpoint answered, as an HTTP status, for outlier detection.
   private var upstreamOutcome: Int?
+  /// The request frames sent so far, kept until the response starts so that a call the server
+  /// never processed (GOAWAY, REFUSED_STREAM) can go to another endpoint. Buffers are shared,
+  /// not copied; nil once the response started or the request grew past the bound.
+  private var sentFrames: [HTTP2Frame.FramePayload]? = []
+  private var sentBytes = 0
+  private var replays = 0
+  static let replayableBytes = 64 * 1024
+  static let maxReplays = 3
   private var clusterName = ""
 
   init(runtime: ListenerRuntime, eventLoop: any EventLoop, allocator: ByteBufferAllocator, downstream: any DownstreamStream) {
@@ -252,7 +260,10 @@ final class ProxyCall: UpstreamStreamDelegate {
     case .success(let stream):
       self.upstreamSlot = (self.clusterName, stream.connection.endpoint)
       self.upstream = .open(stream)
-      for frame in pending { stream.write(frame) }
+      for frame in pending {
+        self.remember(frame)
+        stream.write(frame)
+      }
     case .failure(let error):
       self.upstream = .closed
       self.runtime.logger.debug("no upstream stream", metadata: ["reason": "\(error.reason)"])
@@ -261,6 +272,7 @@ final class ProxyCall: UpstreamStreamDelegate {
   }
 
   func upstreamHeaders(_ headers: HPACKHeaders, endStream: Bool) {
+    self.sentFrames = nil
     if endStream {
       self.upstreamEnded = true
       self.upstreamOutcome = Self.outcome(headers)
@@ -271,6 +283,7 @@ final class ProxyCall: UpstreamStreamDelegate {
   }
 
   func upstreamData(_ data: ByteBuffer, endStream: Bool) {
+    self.sentFrames = nil
     if endStream { self.upstreamEnded = true }
     self.apply(self.translator.receiveData(data, endStream: endStream))
     if let downstream = self.downstream, !downstream.isWritable, case .open(let stream) = self.upstream {
@@ -281,9 +294,25 @@ final class ProxyCall: UpstreamStreamDelegate {
 
   /// The upstream stream closed. If the response has not ended, the stream was reset or its
   /// connection lost.
-  func upstreamClosed(reason: String) {
+  func upstreamClosed(reason: String, unprocessed: Bool) {
     if case .open = self.upstream { self.upstream = .closed }
     guard !self.translator.isFinished else { return }
+    if unprocessed, let frames = self.sentFrames, self.replays < Self.maxReplays {
+      // The server never saw this call: send it again, to whichever endpoint is next.
+      self.replays += 1
+      if let slot = self.upstreamSlot {
+        self.upstreamSlot = nil
+        self.runtime.upstreams.callEnded(cluster: slot.cluster, endpoint: slot.endpoint, status: nil)
+      }
+      self.runtime.logger.debug("upstream did not process the call; sending it again", metadata: ["reason": "\(reason)"])
+      self.sentFrames = []
+      self.sentBytes = 0
+      self.upstream = .opening(pending: frames)
+      self.runtime.upstreams.openStream(cluster: self.clusterName, for: self) { result in
+        self.upstreamOpened(result)
+      }
+      return
+    }
     if !self.upstreamEnded { self.upstreamOutcome = 503 }
     self.runtime.logger.debug("upstream stream ended early", metadata: ["reason": "\(reason)", "headSent": "\(self.translator.headSent)"])
     self.apply(self.translator.fail(.upstreamReset(reason: reason)))
@@ -303,9 +332,20 @@ final class ProxyCall: UpstreamStreamDelegate {
       pending.append(frame)
       self.upstream = .opening(pending: pending)
     case .open(let stream):
+      self.remember(frame)
       stream.write(frame)
     case .none, .closed:
       break
+    }
+  }
+
+  private func remember(_ frame: HTTP2Frame.FramePayload) {
+    guard self.sentFrames != nil else { return }
+    if case .data(let data) = frame { self.sentBytes += data.data.readableBytes }
+    if self.sentBytes > Self.replayableBytes {
+      self.sentFrames = nil
+    } else {
+      self.sentFrames!.append(frame)
     }
   }
 

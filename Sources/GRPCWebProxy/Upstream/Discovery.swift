@@ -14,10 +14,10 @@ import ProxyConfig
 enum DiscoveryOutcome: Sendable, Equatable {
   /// The endpoints, and the shortest record TTL when the resolver tells it.
   case endpoints([HostAndPort], ttl: Duration?)
-  /// The names exist but have no address of the family asked for (or do not exist): the
-  /// cluster empties only if this repeats, as a Swarm task list can be empty for a moment.
+  /// The names exist but have no address of the family asked for: the cluster empties only if
+  /// this repeats, as a Swarm task list can be empty for a moment.
   case empty
-  /// The lookup failed (no answer, SERVFAIL): the last endpoints are kept.
+  /// The lookup failed (no answer, SERVFAIL, NXDOMAIN): the last endpoints are kept.
   case failure(String)
 }
 
@@ -45,26 +45,43 @@ struct Discovery: Sendable {
   func resolve(_ cluster: Cluster, on eventLoop: any EventLoop) async -> DiscoveryOutcome {
     var endpoints: [HostAndPort] = []
     var failures: [String] = []
+    var ttl: UInt32?
     for endpoint in cluster.endpoints {
       let host = endpoint.host
-      let lookup: Lookup
-      do {
-        lookup = try await self.threadPool.runIfActive(eventLoop: eventLoop) { Self.lookup(host) }.get()
-      } catch {
-        failures.append("\(host): \(error)")
-        continue
-      }
-      if let failure = lookup.failure {
-        failures.append("\(host): \(failure)")
-        continue
-      }
       let addresses: [String]
-      switch cluster.dnsLookupFamily {
-      case .v4Only: addresses = lookup.v4
-      case .v6Only: addresses = lookup.v6
-      case .auto: addresses = lookup.v6.isEmpty ? lookup.v4 : lookup.v6
-      case .v4Preferred: addresses = lookup.v4.isEmpty ? lookup.v6 : lookup.v4
-      case .all: addresses = lookup.v4 + lookup.v6
+      if !cluster.dnsResolvers.isEmpty {
+        // The cluster's own DNS servers: TTLs, and NXDOMAIN told apart from SERVFAIL.
+        let resolver = DNSResolver(servers: cluster.dnsResolvers, group: eventLoop)
+        switch await resolver.resolve(host, family: cluster.dnsLookupFamily) {
+        case .addresses(let records):
+          addresses = records.map(\.address)
+          if let shortest = records.map(\.ttl).min() { ttl = min(ttl ?? shortest, shortest) }
+        case .nxDomain:
+          failures.append("\(host): NXDOMAIN")
+          continue
+        case .failure(let reason):
+          failures.append(reason)
+          continue
+        }
+      } else {
+        let lookup: Lookup
+        do {
+          lookup = try await self.threadPool.runIfActive(eventLoop: eventLoop) { Self.lookup(host) }.get()
+        } catch {
+          failures.append("\(host): \(error)")
+          continue
+        }
+        if let failure = lookup.failure {
+          failures.append("\(host): \(failure)")
+          continue
+        }
+        switch cluster.dnsLookupFamily {
+        case .v4Only: addresses = lookup.v4
+        case .v6Only: addresses = lookup.v6
+        case .auto: addresses = lookup.v6.isEmpty ? lookup.v4 : lookup.v6
+        case .v4Preferred: addresses = lookup.v4.isEmpty ? lookup.v6 : lookup.v4
+        case .all: addresses = lookup.v4 + lookup.v6
+        }
       }
       if addresses.isEmpty { continue }
       switch cluster.type {
@@ -76,8 +93,9 @@ struct Discovery: Sendable {
     }
     var seen = Set<HostAndPort>()
     endpoints = endpoints.filter { seen.insert($0).inserted }
-    if !endpoints.isEmpty { return .endpoints(endpoints, ttl: nil) }
+    // One name without an answer keeps the whole last set: its endpoints are not known to be gone.
     if !failures.isEmpty { return .failure(failures.joined(separator: "; ")) }
+    if !endpoints.isEmpty { return .endpoints(endpoints, ttl: ttl.map { .seconds(Int64($0)) }) }
     return .empty
   }
 
@@ -104,9 +122,11 @@ struct Discovery: Sendable {
     var result: UnsafeMutablePointer<addrinfo>?
     let code = getaddrinfo(host, nil, &hints, &result)
     guard code == 0, let first = result else {
-      // "No such name" and "no address" are answers; anything else means no answer was had.
-      // EAI_NODATA (-5) is a GNU extension Swift's Glibc module does not export.
-      if code == EAI_NONAME || code == -5 { return Lookup() }
+      // "No address" (EAI_NODATA, -5, a GNU extension Swift's Glibc module does not export) is
+      // an empty answer. "No such name" keeps the last endpoints like any failure: a Swarm name
+      // can be unknown for a moment while its tasks are replaced. (glibc often reports an empty
+      // answer as "no such name" too; `dns_resolvers` tells them apart.)
+      if code == -5 { return Lookup() }
       return Lookup(failure: String(cString: gai_strerror(code)))
     }
     defer { freeaddrinfo(first) }

@@ -181,7 +181,7 @@ final class HealthCheckCall: UpstreamStreamDelegate {
     }
   }
 
-  func upstreamClosed(reason: String) {
+  func upstreamClosed(reason: String, unprocessed: Bool) {
     self.finish(false, reason)
   }
 

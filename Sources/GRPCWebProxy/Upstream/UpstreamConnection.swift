@@ -10,7 +10,9 @@ protocol UpstreamStreamDelegate: AnyObject {
   func upstreamHeaders(_ headers: HPACKHeaders, endStream: Bool)
   func upstreamData(_ data: ByteBuffer, endStream: Bool)
   /// The stream closed before the call saw its end: reset, refused, or the connection was lost.
-  func upstreamClosed(reason: String)
+  /// `unprocessed`: the server said it never processed the stream (REFUSED_STREAM, or above the
+  /// last stream of its GOAWAY), or its HEADERS were never sent; the call may go elsewhere.
+  func upstreamClosed(reason: String, unprocessed: Bool)
 }
 
 /// A call's stream on an upstream connection: the handle the call writes through.
@@ -114,10 +116,12 @@ final class UpstreamConnection {
       self.state = .closed  // avoid copying the array while appending
       waiters.append((delegate, completion))
       self.state = .connecting(waiters)
+    case .ready where self.draining:
+      completion(.failure(UpstreamUnavailable(reason: "connection termination", notSent: true)))
     case .ready:
       completion(self.register(delegate))
     case .closed:
-      completion(.failure(UpstreamUnavailable(reason: "connection termination")))
+      completion(.failure(UpstreamUnavailable(reason: "connection termination", notSent: true)))
     }
   }
 
@@ -125,7 +129,7 @@ final class UpstreamConnection {
     guard self.nextStreamID < Int32.max - 2 else {
       // Stream IDs are spent: this connection takes no more calls; a new one will.
       self.retire()
-      return .failure(UpstreamUnavailable(reason: "connection termination"))
+      return .failure(UpstreamUnavailable(reason: "connection termination", notSent: true))
     }
     let id = HTTP2StreamID(self.nextStreamID)
     self.nextStreamID += 2
@@ -216,7 +220,7 @@ final class UpstreamConnection {
 
   private func streamFailed(_ id: HTTP2StreamID) {
     guard let entry = self.streams.removeValue(forKey: id) else { return }
-    entry.delegate.upstreamClosed(reason: "connection termination")
+    entry.delegate.upstreamClosed(reason: "connection termination", unprocessed: true)
     self.retire()
     self.closeIfDrained()
   }
@@ -283,13 +287,20 @@ final class UpstreamConnection {
       self.returnWindow(frame.streamID)
     case .rstStream(let code):
       guard let entry = self.streams.removeValue(forKey: frame.streamID) else { return }
-      entry.delegate.upstreamClosed(reason: code == .refusedStream ? "remote refused stream reset" : "remote reset")
+      entry.delegate.upstreamClosed(reason: code == .refusedStream ? "remote refused stream reset" : "remote reset",
+        unprocessed: code == .refusedStream)
       self.closeIfDrained()
     case .goAway(let lastStreamID, _, _):
-      // Calls above lastStreamID were never processed; NIOHTTP2 closes their streams, and the
-      // pool sends new calls to a new connection.
+      // New calls go to a new connection; calls above lastStreamID were never processed and go
+      // elsewhere (NIOHTTP2 closes their streams right after this frame); the rest finish here.
       self.logger.debug("upstream GOAWAY", metadata: ["endpoint": "\(self.endpoint)", "lastStreamID": "\(lastStreamID)"])
       self.retire()
+      let unprocessed = self.streams.keys.filter { $0 > lastStreamID }.sorted()
+      for id in unprocessed {
+        guard let entry = self.streams.removeValue(forKey: id) else { continue }
+        entry.delegate.upstreamClosed(reason: "connection termination", unprocessed: true)
+      }
+      self.closeIfDrained()
     default:
       break
     }
@@ -309,9 +320,10 @@ final class UpstreamConnection {
   fileprivate func streamClosed(_ event: StreamClosedEvent) {
     guard let entry = self.streams.removeValue(forKey: event.streamID) else { return }
     if let reason = event.reason {
-      entry.delegate.upstreamClosed(reason: reason == .refusedStream ? "remote refused stream reset" : "remote reset")
+      entry.delegate.upstreamClosed(reason: reason == .refusedStream ? "remote refused stream reset" : "remote reset",
+        unprocessed: reason == .refusedStream)
     } else {
-      entry.delegate.upstreamClosed(reason: "connection termination")
+      entry.delegate.upstreamClosed(reason: "connection termination", unprocessed: false)
     }
     self.closeIfDrained()
   }
@@ -326,7 +338,7 @@ final class UpstreamConnection {
     self.state = .closed
     self.onClose(self)
     for entry in streams.values {
-      entry.delegate.upstreamClosed(reason: "connection termination")
+      entry.delegate.upstreamClosed(reason: "connection termination", unprocessed: false)
     }
   }
 
@@ -345,7 +357,7 @@ final class UpstreamConnection {
     switch self.state {
     case .connecting(let waiters):
       self.state = .closed
-      for (_, completion) in waiters { completion(.failure(UpstreamUnavailable(reason: "connection termination"))) }
+      for (_, completion) in waiters { completion(.failure(UpstreamUnavailable(reason: "connection termination", notSent: true))) }
     case .ready:
       self.closeIfDrained()
     case .idle, .closed:

@@ -38,6 +38,11 @@ final class UpstreamDirectory: Sendable {
     )
   }
 
+  /// `/stats` counters, by Envoy's names where Envoy has one.
+  func count(_ counter: String, cluster: String) {
+    self.status.count("cluster.\(cluster).\(counter)")
+  }
+
   func discovered(_ endpoints: [HostAndPort], cluster: String) {
     guard let membership = self.memberships[cluster] else { return }
     self.publish(membership.setDiscovered(endpoints), cluster: cluster)
@@ -45,6 +50,7 @@ final class UpstreamDirectory: Sendable {
 
   func healthCheck(_ endpoint: HostAndPort, cluster: String, passed: Bool, detail: String) {
     guard let membership = self.memberships[cluster], let check = membership.cluster.healthCheck else { return }
+    self.count(passed ? "health_check.success" : "health_check.failure", cluster: cluster)
     if let snapshot = membership.healthCheck(endpoint, passed: passed, threshold: (check.healthyThreshold, check.unhealthyThreshold)) {
       if passed {
         self.logger.info("cluster '\(cluster)': \(endpoint) is healthy again")
@@ -62,6 +68,7 @@ final class UpstreamDirectory: Sendable {
     let maximum = Duration.nanoseconds(max(od.maxEjectionTime.nanoseconds, od.baseEjectionTime.nanoseconds))
     if let snapshot = membership.setAside(endpoint, base: base, maximum: maximum, maxPercent: od.maxEjectionPercent) {
       self.logger.warning("cluster '\(cluster)': \(endpoint) ejected after \(why)")
+      self.count("outlier_detection.ejections_total", cluster: cluster)
       self.publish(snapshot, cluster: cluster)
     }
   }
@@ -70,6 +77,7 @@ final class UpstreamDirectory: Sendable {
     guard let membership = self.memberships[cluster] else { return }
     if let snapshot = membership.setAside(endpoint, base: Self.setAsideBase, maximum: Self.setAsideMaximum) {
       self.logger.info("cluster '\(cluster)': cannot connect to \(endpoint); it gets no calls for a while")
+      self.count("upstream_cx_connect_fail_set_aside", cluster: cluster)
       self.publish(snapshot, cluster: cluster)
     }
     if membership.cluster.type != .staticAddresses {

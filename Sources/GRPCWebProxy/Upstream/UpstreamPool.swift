@@ -10,8 +10,11 @@ struct UpstreamUnavailable: Error {
   var reason: String
   /// Whether there was no endpoint at all (Envoy's "no healthy upstream", not a reset).
   var noHealthyUpstream: Bool = false
-  /// The connection could not be made: nothing of the call reached the endpoint.
+  /// The connection could not be made: nothing of the call reached the endpoint, which is to blame.
   var connectFailure: Bool = false
+  /// Nothing of the call was sent (its connection was given up before it was made): it can go
+  /// to another endpoint.
+  var notSent: Bool = false
 }
 
 /// What the event loops tell the rest of the proxy about endpoints.
@@ -158,14 +161,17 @@ final class LoopUpstreams {
       return
     }
     self.connection(to: endpoint, in: state).openStream(for: delegate) { result in
-      guard case .failure(let error) = result, error.connectFailure else {
+      guard case .failure(let error) = result, error.connectFailure || error.notSent else {
         completion(result)
         return
       }
-      self.events.connectFailed(state.config.name, endpoint)
+      if error.connectFailure { self.events.connectFailed(state.config.name, endpoint) }
       let tried = tried + [endpoint]
       if state.endpoints.contains(where: { !tried.contains($0) }) {
         self.attempt(state, for: delegate, tried: tried, completion: completion)
+      } else if state.endpoints.isEmpty {
+        // The endpoint left while its connection was being made, and no other is left.
+        completion(.failure(UpstreamUnavailable(reason: "no healthy upstream", noHealthyUpstream: true)))
       } else {
         completion(result)
       }
