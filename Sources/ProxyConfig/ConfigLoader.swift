@@ -655,6 +655,18 @@ private struct Reader {
         if Self.mentionsHTTP2(value.node) { http2 = true }
       }
     }
+    var keepalive: (interval: ProxyDuration, timeout: ProxyDuration)?
+    for container in [m.optional("http2_protocol_options"), m.optional("typed_extension_protocol_options")].compactMap({ $0 }) {
+      if let ka = Self.find("connection_keepalive", in: container.node) {
+        let kv = YAMLValue(node: ka, path: container.path + ".…connection_keepalive")
+        let km = try kv.mapping()
+        let interval = try km.optional("interval")?.duration()
+        let timeout = try km.optional("timeout")?.duration() ?? .seconds(20)
+        km.accept("interval_jitter", "connection_idle_interval")
+        try km.finish(known: [], warnings: self.sink)
+        if let interval, !interval.isZero { keepalive = (interval, timeout) }
+      }
+    }
     if !http2 {
       self.sink.add(node,
         "cluster '\(name)' has no HTTP/2 settings: Envoy would speak HTTP/1.1 to it and every gRPC call would fail. grpc-web-proxy uses HTTP/2 anyway; add 'http2_protocol_options: {}' so Envoy reads the file the same way")
@@ -691,13 +703,6 @@ private struct Reader {
     let healthCheck = try self.healthChecks(m, cluster: name)
     let outlier = try m.optional("outlier_detection").map { v throws(ConfigError) in try self.outlierDetection(v) }
     let breakers = try m.optional("circuit_breakers").map { v throws(ConfigError) in try self.circuitBreakers(v) }
-    if let node = m.optional("circuit_breakers"), let breakers,
-      breakers.maxConnections != Cluster.CircuitBreakers().maxConnections
-        || breakers.maxPendingRequests != Cluster.CircuitBreakers().maxPendingRequests
-        || breakers.maxRetries != Cluster.CircuitBreakers().maxRetries
-    {
-      self.sink.add(node, "of circuit_breakers only max_requests is enforced yet; max_connections, max_pending_requests and max_retries are not")
-    }
     let respectTTL = try m.optional("respect_dns_ttl")?.bool() ?? false
     var failureRefresh: (base: ProxyDuration, max: ProxyDuration)?
     if let frr = m.optional("dns_failure_refresh_rate") {
@@ -729,7 +734,25 @@ private struct Reader {
     cluster.respectDNSTTL = respectTTL
     cluster.dnsFailureRefreshRate = failureRefresh
     cluster.dnsResolvers = resolvers
+    if let keepalive { cluster.keepalive = keepalive }
     return cluster
+  }
+
+  /// The first value under `key` anywhere in a tree (options nested in typed extensions).
+  static func find(_ key: String, in node: Node) -> Node? {
+    switch node {
+    case .mapping(let m):
+      for (k, v) in m {
+        if k.string == key { return v }
+        if let found = Self.find(key, in: v) { return found }
+      }
+      return nil
+    case .sequence(let s):
+      for v in s { if let found = Self.find(key, in: v) { return found } }
+      return nil
+    default:
+      return nil
+    }
   }
 
   /// The legacy `dns_resolvers`, `dns_resolution_config.resolvers` and the c-ares

@@ -387,6 +387,14 @@ public struct Cluster: Sendable, Hashable {
   public var respectDNSTTL = false
   /// DNS servers from `dns_resolvers` or `typed_dns_resolver_config`; empty means the system's.
   public var dnsResolvers: [HostAndPort] = []
+  /// HTTP/2 PINGs on idle and busy upstream connections, so a peer that vanished without a FIN
+  /// (a killed VM, a dropped overlay route) is noticed. `connection_keepalive` when set;
+  /// otherwise every 30 s with 10 s to answer (Envoy sends none by default).
+  public var keepalive: (interval: ProxyDuration, timeout: ProxyDuration) {
+    get { (self.keepaliveTimes[0], self.keepaliveTimes[1]) }
+    set { self.keepaliveTimes = [newValue.interval, newValue.timeout] }
+  }
+  private var keepaliveTimes: [ProxyDuration] = [.seconds(30), .seconds(10)]
   public var healthCheck: HealthCheck?
   public var outlierDetection: OutlierDetection?
   public var circuitBreakers = CircuitBreakers()

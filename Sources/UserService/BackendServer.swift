@@ -8,10 +8,15 @@ public final class BackendServer: Sendable {
   private let server: GRPCServer<HTTP2ServerTransport.Posix>
   private let transport: HTTP2ServerTransport.Posix
 
-  public init(host: String, port: Int, replica: String?) {
+  /// - Parameter maxConcurrentStreams: the HTTP/2 limit the server announces (nil: the
+  ///   transport's default), to try clients' handling of it.
+  public init(host: String, port: Int, replica: String?, maxConcurrentStreams: Int? = nil) {
+    var config = HTTP2ServerTransport.Posix.Config.defaults
+    if let maxConcurrentStreams { config.http2.maxConcurrentStreams = maxConcurrentStreams }
     self.transport = HTTP2ServerTransport.Posix(
       address: .ipv4(host: host, port: port),
-      transportSecurity: .plaintext
+      transportSecurity: .plaintext,
+      config: config
     )
     let name = replica ?? "\(host):\(port)"
     self.server = GRPCServer(

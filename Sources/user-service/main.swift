@@ -23,6 +23,9 @@ struct UserServiceCommand: AsyncParsableCommand {
   @Option(name: .long, help: "Name this replica reports in every reply (default: $REPLICA, else the host name and port).")
   var replica: String?
 
+  @Option(name: .long, help: "The HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS to announce (default: the transport's).")
+  var maxConcurrentStreams: Int?
+
   @Option(name: .long, help: "Do not serve: run a grpc.health.v1 Check against HOST:PORT and exit 0 if it is SERVING (a container health check).")
   var probe: String?
 
@@ -46,7 +49,7 @@ struct UserServiceCommand: AsyncParsableCommand {
 
     let replica = self.replica ?? ProcessInfo.processInfo.environment["REPLICA"]
       ?? "\(ProcessInfo.processInfo.hostName):\(self.port)"
-    let server = BackendServer(host: self.host, port: self.port, replica: replica)
+    let server = BackendServer(host: self.host, port: self.port, replica: replica, maxConcurrentStreams: self.maxConcurrentStreams)
     let sources = Self.onSignals([SIGTERM, SIGINT]) { server.beginGracefulShutdown() }
       + Self.onSignals([SIGUSR1]) { server.health.set(serving: false) }
       + Self.onSignals([SIGUSR2]) { server.health.set(serving: true) }

@@ -307,3 +307,111 @@ def test_calls_the_server_never_processed_go_to_another_endpoint(replicas, mode)
     finally:
         p.stop()
         backend.close()
+
+
+def test_more_connections_when_the_server_limits_concurrent_streams():
+    from conftest import USER_SERVICE_BIN, wait_for_port
+    import subprocess
+    from grpcweb import echo_req, frame
+
+    backend_port = free_port()
+    backend = subprocess.Popen([str(USER_SERVICE_BIN), "--host", "127.0.0.1", "--port", str(backend_port), "--replica", "narrow",
+                                "--max-concurrent-streams", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port, admin = free_port(), free_port()
+    p = None
+    try:
+        wait_for_port(backend_port, backend)
+        p = start_proxy(cluster_config(port, admin, [backend_port]), port)
+        c = HTTP2(port, timeout=10)
+        assert c.call("/demo.User/login", login_req("demo", "demo123")).grpc_status == 0  # learns the limit
+        start = time.monotonic()
+        sids = [c.start("/demo.Echo/Unary", {"content-type": "application/grpc-web+proto"}, frame(echo_req("x", delay_ms=600)))
+                for _ in range(6)]
+        c.pump(lambda: all(c.streams[s]["ended"] for s in sids))
+        elapsed = time.monotonic() - start
+        c.close()
+        assert all(c.streams[s]["reset"] is None for s in sids)
+        # Two streams per connection: six calls on one connection would take three rounds (1.8 s).
+        assert elapsed < 1.3, f"six 600 ms calls took {elapsed:.2f}s: they waited for stream slots"
+    finally:
+        if p:
+            p.stop()
+        backend.kill()
+        backend.wait()
+
+
+def test_keepalive_notices_a_frozen_backend(own_replicas):
+    """A backend that stops answering (SIGSTOP: its TCP stays up) is found out by PINGs; the
+    call in flight ends with status 14 instead of hanging."""
+    from grpcweb import echo_req
+
+    frozen = own_replicas[0]
+    keepalive = """
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options:
+            connection_keepalive: { interval: 0.3s, timeout: 0.3s }"""
+    port, admin = free_port(), free_port()
+    text = cluster_config(port, admin, [frozen.port])
+    # The keepalive goes into the cluster's own protocol options block.
+    text = text.replace("""          http2_protocol_options: {}""", """          http2_protocol_options:
+            connection_keepalive: { interval: 0.3s, timeout: 0.3s }""")
+    assert "connection_keepalive" in text
+    p = start_proxy(text, port)
+    try:
+        c = HTTP2(port, timeout=10)
+        assert c.call("/demo.User/login", login_req("demo", "demo123")).grpc_status == 0
+        frozen.proc.send_signal(signal.SIGSTOP)
+        start = time.monotonic()
+        r = c.call("/demo.Echo/Unary", echo_req("x"))
+        elapsed = time.monotonic() - start
+        c.close()
+        assert r.grpc_status == 14
+        assert elapsed < 2.0, f"took {elapsed:.2f}s"
+        assert "did not answer a PING" in p.output()
+    finally:
+        frozen.proc.send_signal(signal.SIGCONT)
+        p.stop()
+
+
+def test_circuit_breaker_max_pending_requests():
+    """Calls waiting for a connection that is slow to be made: beyond max_pending_requests they
+    fail at once."""
+    import socket as socketlib
+
+    # A listener whose accept queue is full: the proxy's SYN is dropped and its connect waits.
+    listener = socketlib.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    backend_port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socketlib.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", backend_port))
+        fillers.append(s)
+    time.sleep(0.2)
+    breakers = """
+    circuit_breakers:
+      thresholds:
+      - max_pending_requests: 1"""
+    port, admin = free_port(), free_port()
+    p = start_proxy(cluster_config(port, admin, [backend_port], breakers).replace("connect_timeout: 0.5s", "connect_timeout: 2s"), port)
+    try:
+        c = HTTP2(port, timeout=10)
+        first = c.start("/demo.User/login", {"content-type": "application/grpc-web+proto"}, b"\x00\x00\x00\x00\x00")
+        time.sleep(0.3)
+        start = time.monotonic()
+        r = c.call("/demo.User/login", login_req("demo", "demo123"))
+        assert time.monotonic() - start < 0.5
+        assert r.grpc_status == 14 and "max_pending_requests" in r.grpc_message, r
+        s = c.finish(first)
+        assert s["headers"] is not None
+        c.close()
+    finally:
+        p.stop()
+        for s in fillers:
+            s.close()
+        listener.close()

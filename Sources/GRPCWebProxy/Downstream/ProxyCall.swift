@@ -88,6 +88,8 @@ final class ProxyCall: UpstreamStreamDelegate {
   private var sentFrames: [HTTP2Frame.FramePayload]? = []
   private var sentBytes = 0
   private var replays = 0
+  /// Holds one of the cluster's `max_retries` until the call ends.
+  private var retrying = false
   static let replayableBytes = 64 * 1024
   static let maxReplays = 3
   private var clusterName = ""
@@ -297,8 +299,11 @@ final class ProxyCall: UpstreamStreamDelegate {
   func upstreamClosed(reason: String, unprocessed: Bool) {
     if case .open = self.upstream { self.upstream = .closed }
     guard !self.translator.isFinished else { return }
-    if unprocessed, let frames = self.sentFrames, self.replays < Self.maxReplays {
+    if unprocessed, let frames = self.sentFrames, self.replays < Self.maxReplays,
+      self.retrying || self.runtime.upstreams.beginRetry(cluster: self.clusterName)
+    {
       // The server never saw this call: send it again, to whichever endpoint is next.
+      self.retrying = true
       self.replays += 1
       if let slot = self.upstreamSlot {
         self.upstreamSlot = nil
@@ -449,6 +454,10 @@ final class ProxyCall: UpstreamStreamDelegate {
     if let slot = self.upstreamSlot {
       self.upstreamSlot = nil
       self.runtime.upstreams.callEnded(cluster: slot.cluster, endpoint: slot.endpoint, status: self.upstreamOutcome)
+    }
+    if self.retrying {
+      self.retrying = false
+      self.runtime.upstreams.retryEnded(cluster: self.clusterName)
     }
     switch self.upstream {
     case .open(let stream):

@@ -80,7 +80,13 @@ final class UpstreamConnection {
   private let logger: Logger
   private let onClose: (UpstreamConnection) -> Void
   private let onConnected: () -> Void
+  private var closeReported = false
   private var state: State = .idle
+  /// The server's SETTINGS_MAX_CONCURRENT_STREAMS (no limit until it says).
+  private var peerMaxStreams = Int.max
+  private let keepalive: (interval: TimeAmount, timeout: TimeAmount)?
+  private var keepaliveTask: Scheduled<Void>?
+  private var pingTimeout: Scheduled<Void>?
   private var streams: [HTTP2StreamID: StreamEntry] = [:]
   private var nextStreamID: Int32 = 1
   private var flushScheduled = false
@@ -91,6 +97,7 @@ final class UpstreamConnection {
     eventLoop: any EventLoop,
     connectTimeout: ProxyDuration,
     logger: Logger,
+    keepalive: (interval: ProxyDuration, timeout: ProxyDuration)? = nil,
     onConnected: @escaping () -> Void = {},
     onClose: @escaping (UpstreamConnection) -> Void
   ) {
@@ -98,12 +105,36 @@ final class UpstreamConnection {
     self.eventLoop = eventLoop
     self.connectTimeout = connectTimeout
     self.logger = logger
+    self.keepalive = keepalive.map {
+      (.nanoseconds(max($0.interval.nanoseconds, 10_000_000)), .nanoseconds(max($0.timeout.nanoseconds, 10_000_000)))
+    }
     self.onConnected = onConnected
-    self.onClose = onClose
+    self.onClose = { connection in
+      guard !connection.closeReported else { return }
+      connection.closeReported = true
+      onClose(connection)
+    }
   }
 
   /// Calls in flight on this connection (LEAST_REQUEST compares them).
-  var activeStreams: Int { self.streams.count }
+  var activeStreams: Int {
+    if case .connecting(let waiters) = self.state { return waiters.count }
+    return self.streams.count
+  }
+
+  /// Whether another call fits under the server's concurrent stream limit.
+  var hasCapacity: Bool {
+    switch self.state {
+    case .idle: return true
+    case .connecting, .ready: return !self.draining && self.activeStreams < self.peerMaxStreams
+    case .closed: return false
+    }
+  }
+
+  var isReady: Bool {
+    if case .ready = self.state { return true }
+    return false
+  }
 
   // MARK: - Opening streams
 
@@ -183,6 +214,7 @@ final class UpstreamConnection {
     self.logger.debug("upstream connected", metadata: ["endpoint": "\(self.endpoint)"])
     self.state = .ready(context)
     self.onConnected()
+    self.startKeepalive(context)
     // The connection's receive window starts at 64 KiB whatever the settings say.
     let raise = Self.connectionWindow - 65_535
     context.write(NIOAny(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: raise))), promise: nil)
@@ -290,6 +322,13 @@ final class UpstreamConnection {
       entry.delegate.upstreamClosed(reason: code == .refusedStream ? "remote refused stream reset" : "remote reset",
         unprocessed: code == .refusedStream)
       self.closeIfDrained()
+    case .settings(.settings(let settings)):
+      for setting in settings where setting.parameter == .maxConcurrentStreams {
+        self.peerMaxStreams = max(1, setting.value)
+      }
+    case .ping(_, ack: true):
+      self.pingTimeout?.cancel()
+      self.pingTimeout = nil
     case .goAway(let lastStreamID, _, _):
       // New calls go to a new connection; calls above lastStreamID were never processed and go
       // elsewhere (NIOHTTP2 closes their streams right after this frame); the rest finish here.
@@ -328,7 +367,33 @@ final class UpstreamConnection {
     self.closeIfDrained()
   }
 
+  /// PINGs every interval; no answer within the timeout means the peer is gone: close, so its
+  /// calls end with a status now rather than hang until TCP gives up, minutes later.
+  private func startKeepalive(_ context: ChannelHandlerContext) {
+    guard let (interval, timeout) = self.keepalive else { return }
+    self.keepaliveTask = self.eventLoop.assumeIsolated().scheduleTask(in: interval) {
+      guard case .ready(let context) = self.state else { return }
+      if self.pingTimeout == nil {
+        context.write(NIOAny(HTTP2Frame(streamID: .rootStream, payload: .ping(HTTP2PingData(withInteger: 0x6b65_6570_616c_6976), ack: false))), promise: nil)
+        self.scheduleFlush()
+        self.pingTimeout = self.eventLoop.assumeIsolated().scheduleTask(in: timeout) {
+          self.logger.warning("upstream \(self.endpoint) did not answer a PING within \(timeout.nanoseconds / 1_000_000) ms: closing its connection")
+          if case .ready(let context) = self.state { context.close(promise: nil) }
+        }
+      }
+      self.startKeepalive(context)
+    }
+  }
+
+  private func stopKeepalive() {
+    self.keepaliveTask?.cancel()
+    self.keepaliveTask = nil
+    self.pingTimeout?.cancel()
+    self.pingTimeout = nil
+  }
+
   fileprivate func channelClosed() {
+    self.stopKeepalive()
     let streams = self.streams
     self.streams.removeAll()
     if case .connecting = self.state {

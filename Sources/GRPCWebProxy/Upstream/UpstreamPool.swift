@@ -39,7 +39,11 @@ struct UpstreamEvents: Sendable {
 /// add and one subtract per call; no lock.
 final class ClusterCounters: Sendable {
   let activeRequests = Atomic<Int>(0)
+  /// Calls waiting for a connection to be made.
   let pendingRequests = Atomic<Int>(0)
+  let connections = Atomic<Int>(0)
+  /// Calls being sent again because the server never processed them.
+  let activeRetries = Atomic<Int>(0)
   init() {}
 }
 
@@ -61,7 +65,8 @@ final class LoopUpstreams {
     var endpoints: [HostAndPort] = []
     var version: UInt64 = 0
     var next = 0
-    var connections: [HostAndPort: UpstreamConnection] = [:]
+    /// Per endpoint: one connection, more when the server's concurrent stream limit is reached.
+    var connections: [HostAndPort: [UpstreamConnection]] = [:]
     /// Outlier detection as this loop sees it: consecutive failures per endpoint.
     var failures: [HostAndPort: (serverErrors: Int, gatewayFailures: Int)] = [:]
 
@@ -92,9 +97,9 @@ final class LoopUpstreams {
     state.version = snapshot.version
     state.endpoints = snapshot.usable
     let keep = Set(snapshot.all)
-    for (endpoint, connection) in state.connections where !keep.contains(endpoint) {
+    for (endpoint, connections) in state.connections where !keep.contains(endpoint) {
       state.connections[endpoint] = nil
-      connection.retire()
+      for connection in connections { connection.retire() }
     }
   }
 
@@ -124,6 +129,21 @@ final class LoopUpstreams {
       if case .failure = result { state.counters.activeRequests.subtract(1, ordering: .relaxed) }
       completion(result)
     })
+  }
+
+  /// A call the server never processed is about to be sent again: allowed while the cluster has
+  /// fewer than `max_retries` such calls in progress. Each allowed one ends with `retryEnded`.
+  func beginRetry(cluster name: String) -> Bool {
+    guard let state = self.clusters[name] else { return false }
+    if state.counters.activeRetries.add(1, ordering: .relaxed).newValue > state.config.circuitBreakers.maxRetries {
+      state.counters.activeRetries.subtract(1, ordering: .relaxed)
+      return false
+    }
+    return true
+  }
+
+  func retryEnded(cluster name: String) {
+    self.clusters[name]?.counters.activeRetries.subtract(1, ordering: .relaxed)
   }
 
   /// A call that got a stream has ended. `status` is what the endpoint answered, as an HTTP
@@ -160,7 +180,24 @@ final class LoopUpstreams {
       completion(.failure(UpstreamUnavailable(reason: "no healthy upstream", noHealthyUpstream: true)))
       return
     }
-    self.connection(to: endpoint, in: state).openStream(for: delegate) { result in
+    guard let connection = self.connection(to: endpoint, in: state) else {
+      completion(.failure(UpstreamUnavailable(reason:
+        "overflow: cluster '\(state.config.name)' has its \(state.config.circuitBreakers.maxConnections) connections (circuit_breakers max_connections)")))
+      return
+    }
+    // A call waiting for its connection to be made is pending (circuit_breakers max_pending_requests).
+    let pending = !connection.isReady
+    if pending {
+      let waiting = state.counters.pendingRequests.add(1, ordering: .relaxed).newValue
+      if waiting > state.config.circuitBreakers.maxPendingRequests {
+        state.counters.pendingRequests.subtract(1, ordering: .relaxed)
+        completion(.failure(UpstreamUnavailable(reason:
+          "overflow: cluster '\(state.config.name)' already has \(state.config.circuitBreakers.maxPendingRequests) calls waiting for a connection (circuit_breakers max_pending_requests)")))
+        return
+      }
+    }
+    connection.openStream(for: delegate) { result in
+      if pending { state.counters.pendingRequests.subtract(1, ordering: .relaxed) }
       guard case .failure(let error) = result, error.connectFailure || error.notSent else {
         completion(result)
         return
@@ -194,32 +231,46 @@ final class LoopUpstreams {
       let count = UInt64(endpoints.count)
       let a = Int(self.random.next() % count)
       let b = (a + 1 + Int(self.random.next() % (count - 1))) % endpoints.count
-      let loadA = state.connections[endpoints[a]]?.activeStreams ?? 0
-      let loadB = state.connections[endpoints[b]]?.activeStreams ?? 0
+      let loadA = state.connections[endpoints[a]]?.reduce(0) { $0 + $1.activeStreams } ?? 0
+      let loadB = state.connections[endpoints[b]]?.reduce(0) { $0 + $1.activeStreams } ?? 0
       return loadB < loadA ? endpoints[b] : endpoints[a]
     }
   }
 
-  private func connection(to endpoint: HostAndPort, in state: ClusterState) -> UpstreamConnection {
-    if let existing = state.connections[endpoint] { return existing }
+  /// A connection to the endpoint with room for one more call: an existing one, else a new one
+  /// (the server's SETTINGS_MAX_CONCURRENT_STREAMS reached on all), unless the cluster is at
+  /// `max_connections`, where the least busy existing one takes it (NIOHTTP2 holds the stream
+  /// until one ends). Nil when there is none and none may be made.
+  private func connection(to endpoint: HostAndPort, in state: ClusterState) -> UpstreamConnection? {
+    let existing = state.connections[endpoint] ?? []
+    if let free = existing.first(where: \.hasCapacity) { return free }
+    let limit = state.config.circuitBreakers.maxConnections
+    guard state.counters.connections.add(1, ordering: .relaxed).newValue <= limit else {
+      state.counters.connections.subtract(1, ordering: .relaxed)
+      return existing.filter { !$0.draining }.min { $0.activeStreams < $1.activeStreams }
+    }
     let cluster = state.config.name
     let events = self.events
+    let counters = state.counters
     let connection = UpstreamConnection(
       endpoint: endpoint,
       eventLoop: self.eventLoop,
       connectTimeout: state.config.connectTimeout,
       logger: self.logger,
+      keepalive: state.config.keepalive,
       onConnected: { events.connected(cluster, endpoint) }
     ) { [weak state] closed in
-      if state?.connections[endpoint] === closed { state?.connections[endpoint] = nil }
+      counters.connections.subtract(1, ordering: .relaxed)
+      state?.connections[endpoint]?.removeAll { $0 === closed }
+      if state?.connections[endpoint]?.isEmpty == true { state?.connections[endpoint] = nil }
     }
-    state.connections[endpoint] = connection
+    state.connections[endpoint, default: []].append(connection)
     return connection
   }
 
   func closeAll() {
     for state in self.clusters.values {
-      for connection in state.connections.values { connection.retire() }
+      for connection in state.connections.values.joined() { connection.retire() }
       state.connections.removeAll()
     }
   }
