@@ -30,21 +30,61 @@ public enum ConfigLoader {
   ///   working directory (where Envoy looks) is looked for there.
   public static func load(yaml: String, directory: String? = nil) throws(ConfigError) -> LoadedConfiguration {
     let root: Node
-    do {
-      guard let node = try Yams.compose(yaml: yaml) else {
-        throw ConfigError(path: "", line: nil, message: "the file is empty")
-      }
-      root = node
-    } catch let error as ConfigError {
-      throw error
-    } catch let error as YamlError {
-      throw Self.describe(error)
-    } catch {
-      throw ConfigError(path: "", line: nil, message: "not valid YAML: \(error)")
-    }
     let sink = WarningSink()
+    var text = yaml
+    var dropped: [ConfigWarning] = []
+    while true {
+      do {
+        guard let node = try Yams.compose(yaml: text) else {
+          throw ConfigError(path: "", line: nil, message: "the file is empty")
+        }
+        root = node
+        break
+      } catch let error as ConfigError {
+        throw error
+      } catch let error as YamlError {
+        // A key given twice in one mapping: Envoy's reader keeps the last; so does this one, and says so.
+        if case .duplicatedKeysInMapping(let keys, let context) = error, dropped.count < 32,
+          let key = keys.first, let shorter = Self.droppingBlock(key: key, line: context.mark.line, in: text)
+        {
+          dropped.append(ConfigWarning(path: key, line: context.mark.line,
+            message: "duplicate key '\(key)': this first one is ignored and the later one used, as Envoy does"))
+          text = shorter
+          continue
+        }
+        throw Self.describe(error)
+      } catch {
+        throw ConfigError(path: "", line: nil, message: "not valid YAML: \(error)")
+      }
+    }
+    sink.warnings.append(contentsOf: dropped)
     let configuration = try Reader(sink: sink, directory: directory).configuration(YAMLValue(node: root, path: ""))
     return LoadedConfiguration(configuration: configuration, warnings: sink.warnings)
+  }
+
+  /// The text with the block of `key` that starts on `line` (1-based) blanked out, keeping the
+  /// line count so later lines keep their numbers; nil when the layout is not a plain block.
+  static func droppingBlock(key: String, line: Int, in text: String) -> String? {
+    var lines = text.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+    let index = line - 1
+    guard lines.indices.contains(index) else { return nil }
+    let first = lines[index]
+    let indent = first.prefix { $0 == " " }.count
+    let rest = first.dropFirst(indent)
+    guard rest.hasPrefix(key + ":") || rest.hasPrefix("\"\(key)\":") || rest.hasPrefix("'\(key)':") else { return nil }
+    lines[index] = ""
+    var i = index + 1
+    while i < lines.count {
+      let current = lines[i]
+      let trimmed = current.drop { $0 == " " }
+      if !trimmed.isEmpty && !trimmed.hasPrefix("#") && current.prefix(while: { $0 == " " }).count <= indent {
+        // A sibling, or a list item at the same indentation that belongs to the key itself.
+        if !(trimmed.hasPrefix("- ") && current.prefix(while: { $0 == " " }).count == indent) { break }
+      }
+      lines[i] = ""
+      i += 1
+    }
+    return lines.joined(separator: "\n")
   }
 
   private static func describe(_ error: YamlError) -> ConfigError {
@@ -114,10 +154,16 @@ private struct Reader {
     return Admin(address: address)
   }
 
-  func address(_ node: YAMLValue) throws(ConfigError) -> HostAndPort {
+  /// - Parameter allowPipe: an upstream endpoint may be a unix socket (`pipe: {path}`).
+  func address(_ node: YAMLValue, allowPipe: Bool = false) throws(ConfigError) -> HostAndPort {
     let m = try node.mapping()
     if let pipe = m.optional("pipe") {
-      throw pipe.error("unix socket addresses are not supported; use socket_address")
+      guard allowPipe else { throw pipe.error("listening on a unix socket is not supported; use socket_address") }
+      let pm = try pipe.mapping()
+      let path = try pm.required("path").string()
+      pm.accept("mode")
+      try pm.finish(known: [], warnings: self.sink)
+      return HostAndPort(unixSocket: path)
     }
     let socket = try m.required("socket_address").mapping()
     let host = try socket.required("address").string()
@@ -149,11 +195,16 @@ private struct Reader {
     }
     chain.unsupported("filter_chain_match", "filter chain matching is not supported yet and is ignored", into: self.sink)
     let filtersNode = try chain.required("filters")
+    var filters: [YAMLValue]
     if case .mapping = filtersNode.node {
-      throw filtersNode.error("'filters' must be a list of filters (each item starting with '- name:'), not a mapping")
+      // Envoy's own reader refuses this; the intent is plain, so read it as a list of one.
+      self.sink.add(filtersNode, "'filters' should be a list of filters (each item starting with '- name:'); this mapping is read as a list of one filter (Envoy refuses it)")
+      filters = [YAMLValue(node: filtersNode.node, path: filtersNode.path + "[0]", line: filtersNode.line)]
+    } else {
+      filters = try filtersNode.sequence()
     }
     var hcm: Listener?
-    for filter in try filtersNode.sequence() {
+    for filter in filters {
       let fm = try filter.mapping()
       let filterName = try fm.optional("name")?.string() ?? ""
       let (body, type) = try filter.extensionConfig(in: fm)
@@ -673,7 +724,7 @@ private struct Reader {
     }
     var endpoints: [HostAndPort] = []
     for host in try m.optional("hosts")?.sequence() ?? [] {
-      endpoints.append(try self.address(host))
+      endpoints.append(try self.address(host, allowPipe: true))
     }
     if let la = m.optional("load_assignment") {
       let lam = try la.mapping()
@@ -685,7 +736,7 @@ private struct Reader {
           let lm = try lbe.mapping()
           lm.accept("load_balancing_weight", "health_status", "metadata")
           let em = try lm.required("endpoint").mapping()
-          endpoints.append(try self.address(try em.required("address")))
+          endpoints.append(try self.address(try em.required("address"), allowPipe: true))
           em.accept("hostname", "health_check_config")
           try em.finish(known: [], warnings: self.sink)
           try lm.finish(known: [], warnings: self.sink)

@@ -48,7 +48,23 @@ public struct HostAndPort: Sendable, Hashable, CustomStringConvertible {
     self.port = port
   }
 
-  public var description: String { self.host.contains(":") ? "[\(self.host)]:\(self.port)" : "\(self.host):\(self.port)" }
+  /// A unix socket endpoint, kept as host `unix:<path>` and port 0.
+  public init(unixSocket path: String) {
+    self.host = Self.unixPrefix + path
+    self.port = 0
+  }
+
+  static let unixPrefix = "unix:"
+
+  /// The socket path of a unix socket endpoint.
+  public var unixSocketPath: String? {
+    self.host.hasPrefix(Self.unixPrefix) ? String(self.host.dropFirst(Self.unixPrefix.count)) : nil
+  }
+
+  public var description: String {
+    if self.unixSocketPath != nil { return self.host }
+    return self.host.contains(":") ? "[\(self.host)]:\(self.port)" : "\(self.host):\(self.port)"
+  }
 }
 
 public struct Admin: Sendable, Hashable {

@@ -94,7 +94,29 @@ struct YAMLValue {
     guard case .scalar(let s) = self.node else {
       throw self.error("expected a single value, found \(self.kindName)")
     }
+    if s.style == .plain, let name = Self.placeholder(s.string) {
+      // A template's `$name` or `${name}` (filled by envsubst in many images): taken from the
+      // environment, or a clear error rather than "not a number".
+      guard let value = ProcessInfo.processInfo.environment[name] else {
+        throw self.error("'\(s.string)' is a template placeholder and \(name) is not set in the environment: set it, or fill the template")
+      }
+      return value
+    }
     return s.string
+  }
+
+  /// The variable name of a value that is nothing but `$name` or `${name}`.
+  static func placeholder(_ text: String) -> String? {
+    guard text.hasPrefix("$") else { return nil }
+    var name = text.dropFirst()
+    if name.hasPrefix("{") {
+      guard name.hasSuffix("}") else { return nil }
+      name = name.dropFirst().dropLast()
+    }
+    guard let first = name.first, first == "_" || first.isLetter,
+      name.allSatisfy({ $0 == "_" || ($0.isASCII && ($0.isLetter || $0.isNumber)) })
+    else { return nil }
+    return String(name)
   }
 
   func int() throws(ConfigError) -> Int {

@@ -10,11 +10,12 @@ public final class BackendServer: Sendable {
 
   /// - Parameter maxConcurrentStreams: the HTTP/2 limit the server announces (nil: the
   ///   transport's default), to try clients' handling of it.
-  public init(host: String, port: Int, replica: String?, maxConcurrentStreams: Int? = nil) {
+  /// - Parameter unixSocket: listen on this unix socket path instead of `host:port`.
+  public init(host: String, port: Int, replica: String?, maxConcurrentStreams: Int? = nil, unixSocket: String? = nil) {
     var config = HTTP2ServerTransport.Posix.Config.defaults
     if let maxConcurrentStreams { config.http2.maxConcurrentStreams = maxConcurrentStreams }
     self.transport = HTTP2ServerTransport.Posix(
-      address: .ipv4(host: host, port: port),
+      address: unixSocket.map { .unixDomainSocket(path: $0) } ?? .ipv4(host: host, port: port),
       transportSecurity: .plaintext,
       config: config
     )
@@ -29,11 +30,16 @@ public final class BackendServer: Sendable {
   public func run(onListening: @Sendable (Int) async -> Void = { _ in }) async throws {
     try await withThrowingDiscardingTaskGroup { group in
       group.addTask { try await self.server.serve() }
-      guard let address = try await self.transport.listeningAddress.ipv4 else {
+      let address = try await self.transport.listeningAddress
+      if address.unixDomainSocket != nil {
+        await onListening(0)
+        return
+      }
+      guard let ipv4 = address.ipv4 else {
         self.server.beginGracefulShutdown()
         return
       }
-      await onListening(address.port)
+      await onListening(ipv4.port)
     }
   }
 

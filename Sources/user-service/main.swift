@@ -23,6 +23,9 @@ struct UserServiceCommand: AsyncParsableCommand {
   @Option(name: .long, help: "Name this replica reports in every reply (default: $REPLICA, else the host name and port).")
   var replica: String?
 
+  @Option(name: .long, help: "Listen on this unix socket path instead of --host and --port.")
+  var unixSocket: String?
+
   @Option(name: .long, help: "The HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS to announce (default: the transport's).")
   var maxConcurrentStreams: Int?
 
@@ -49,13 +52,14 @@ struct UserServiceCommand: AsyncParsableCommand {
 
     let replica = self.replica ?? ProcessInfo.processInfo.environment["REPLICA"]
       ?? "\(ProcessInfo.processInfo.hostName):\(self.port)"
-    let server = BackendServer(host: self.host, port: self.port, replica: replica, maxConcurrentStreams: self.maxConcurrentStreams)
+    let server = BackendServer(host: self.host, port: self.port, replica: replica, maxConcurrentStreams: self.maxConcurrentStreams,
+      unixSocket: self.unixSocket)
     let sources = Self.onSignals([SIGTERM, SIGINT]) { server.beginGracefulShutdown() }
       + Self.onSignals([SIGUSR1]) { server.health.set(serving: false) }
       + Self.onSignals([SIGUSR2]) { server.health.set(serving: true) }
     defer { sources.forEach { $0.cancel() } }
     try await server.run { port in
-      print("user-service replica \(replica) listening on \(self.host):\(port)")
+      print("user-service replica \(replica) listening on \(self.unixSocket.map { "unix:\($0)" } ?? "\(self.host):\(port)")")
       fflush(nil)
     }
   }

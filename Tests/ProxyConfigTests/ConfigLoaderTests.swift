@@ -79,36 +79,6 @@ let sharedAvailable = FileManager.default.fileExists(atPath: sharedDirectory.app
     #expect(throws: ConfigError.self) { try ConfigLoader.load(yaml: yaml) }
   }
 
-  @Test func duplicateKeysAreRefusedWithTheLine() {
-    let yaml = Self.minimal(connectTimeout: "1s").replacingOccurrences(of: "    type: STATIC\n", with: "    type: STATIC\n    type: STRICT_DNS\n")
-    do {
-      _ = try ConfigLoader.load(yaml: yaml)
-      Issue.record("expected an error")
-    } catch {
-      #expect(error.message.contains("duplicate key 'type'"))
-    }
-  }
-
-  @Test func filtersAsAMappingIsRefused() {
-    let yaml = """
-      static_resources:
-        listeners:
-        - address:
-            socket_address: { address: 127.0.0.1, port_value: 8080 }
-          filter_chains:
-          - filters:
-              name: envoy.http_connection_manager
-      """
-    do {
-      _ = try ConfigLoader.load(yaml: yaml)
-      Issue.record("expected an error")
-    } catch {
-      #expect(error.path == "static_resources.listeners[0].filter_chains[0].filters")
-      #expect(error.line == 7)
-      #expect(error.message.contains("must be a list"))
-    }
-  }
-
   @Test func unsupportedFieldsAreWarnedAboutByName() throws {
     let yaml = Self.minimal(connectTimeout: "1s").replacingOccurrences(of: "    type: STATIC\n", with: "    type: STATIC\n    lb_subset_config: {}\n    frobnicate: 1\n")
     let loaded = try ConfigLoader.load(yaml: yaml)

@@ -47,3 +47,36 @@ def test_request_and_response_header_mutations(replicas, tmp_path):
         assert status_head == 200 and headers_head["content-length"] == str(len(body)) and body_head == b""
     finally:
         p.stop()
+
+
+def test_unix_socket_endpoint(tmp_path):
+    import subprocess
+    import time
+
+    from conftest import USER_SERVICE_BIN
+    from grpcweb import login_req
+
+    sock = tmp_path / "user.sock"
+    backend = subprocess.Popen([str(USER_SERVICE_BIN), "--unix-socket", str(sock), "--replica", "unix"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = free_port()
+    p = None
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        text = config(port, {"users": [1]}, """
+              - match: { prefix: "/" }
+                route: { cluster: users, timeout: 0s }""", cors=False)
+        text = text.replace("socket_address: { address: 127.0.0.1, port_value: 1 }", f"pipe: {{ path: {sock} }}")
+        assert "pipe:" in text
+        p = start_proxy(text, port)
+        c = HTTP2(port)
+        r = c.call("/demo.User/login", login_req("demo", "demo123"))
+        c.close()
+        assert r.grpc_status == 0 and pb_decode(r.messages[0])[3] == b"unix"
+    finally:
+        if p:
+            p.stop()
+        backend.kill()
+        backend.wait()

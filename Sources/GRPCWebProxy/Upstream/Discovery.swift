@@ -47,6 +47,10 @@ struct Discovery: Sendable {
     var failures: [String] = []
     var ttl: UInt32?
     for endpoint in cluster.endpoints {
+      if endpoint.unixSocketPath != nil {
+        endpoints.append(endpoint)
+        continue
+      }
       let host = endpoint.host
       let addresses: [String]
       if !cluster.dnsResolvers.isEmpty {

@@ -171,16 +171,22 @@ final class UpstreamConnection {
   private func startConnecting() {
     let address: SocketAddress
     do {
-      address = try SocketAddress(ipAddress: self.endpoint.host, port: self.endpoint.port)
+      if let path = self.endpoint.unixSocketPath {
+        address = try SocketAddress(unixDomainSocketPath: path)
+      } else {
+        address = try SocketAddress(ipAddress: self.endpoint.host, port: self.endpoint.port)
+      }
     } catch {
       self.connectFailed(reason: "connection failure, transport failure reason: bad address \(self.endpoint)")
       return
     }
     let timeout = TimeAmount.nanoseconds(max(self.connectTimeout.nanoseconds, 1_000_000))
     let bound = NIOLoopBound(self, eventLoop: self.eventLoop)
-    let future = ClientBootstrap(group: self.eventLoop)
-      .connectTimeout(timeout)
-      .channelOption(.socketOption(.tcp_nodelay), value: 1)
+    var bootstrap = ClientBootstrap(group: self.eventLoop).connectTimeout(timeout)
+    if self.endpoint.unixSocketPath == nil {
+      bootstrap = bootstrap.channelOption(.socketOption(.tcp_nodelay), value: 1)
+    }
+    let future = bootstrap
       .channelInitializer { channel in
         channel.eventLoop.makeCompletedFuture {
           var configuration = NIOHTTP2Handler.ConnectionConfiguration()
