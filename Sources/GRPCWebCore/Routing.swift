@@ -15,6 +15,31 @@ public struct RouteTable: Sendable {
     public var responseHeaders: [HeaderMutations]
     fileprivate var regex: CompiledRegex?
     fileprivate var headerRegexes: [CompiledRegex?]
+    fileprivate var queryRegexes: [CompiledRegex?] = []
+    fileprivate var rewriteRegex: CompiledRegex?
+
+    /// The path sent upstream: `prefix_rewrite` or `regex_rewrite` applied, the query kept.
+    public func upstreamPath(_ path: String) -> String {
+      if let rewrite = self.route.prefixRewrite, case .prefix(let prefix) = self.route.match.path {
+        return rewrite + path.dropFirst(prefix.count)
+      }
+      guard let rewrite = self.route.regexRewrite, let regex = self.rewriteRegex?.regex else { return path }
+      let query = path.firstIndex(of: "?")
+      let pathOnly = query.map { String(path[..<$0]) } ?? path
+      // Envoy's substitution names groups `\1`; NSRegularExpression's templates say `$1`.
+      var template = ""
+      var chars = rewrite.substitution.makeIterator()
+      while let c = chars.next() {
+        if c == "\\", let next = chars.next() {
+          template += next.isNumber ? "$\(next)" : (next == "$" ? "\\$" : String(next))
+        } else {
+          template += c == "$" ? "\\$" : String(c)
+        }
+      }
+      let rewritten = regex.stringByReplacingMatches(
+        in: pathOnly, range: NSRange(pathOnly.startIndex..., in: pathOnly), withTemplate: template)
+      return rewritten + (query.map { String(path[$0...]) } ?? "")
+    }
   }
 
   fileprivate struct Host: Sendable {
@@ -46,11 +71,18 @@ public struct RouteTable: Sendable {
           let ordered = config.mostSpecificHeaderMutationsWins ? levels.reversed() : levels
           return ordered.filter { !$0.isEmpty }
         }
+        let queryRegexes = route.match.queryParameters.map { matcher -> CompiledRegex? in
+          if case .string(let sm) = matcher.kind, case .regex(let pattern) = sm.kind {
+            return CompiledRegex(pattern, caseInsensitive: sm.ignoreCase)
+          }
+          return nil
+        }
         return Entry(
           route: route, cors: cors,
           requestHeaders: levels([route.requestHeaders, vh.requestHeaders, config.requestHeaders]),
           responseHeaders: levels([route.responseHeaders, vh.responseHeaders, config.responseHeaders]),
-          regex: regex, headerRegexes: headerRegexes)
+          regex: regex, headerRegexes: headerRegexes, queryRegexes: queryRegexes,
+          rewriteRegex: route.regexRewrite.map { CompiledRegex($0.pattern, caseInsensitive: false) })
       }
       self.hosts.append(Host(virtualHost: vh, entries: entries))
       for domain in vh.domains.map({ $0.lowercased() }) {
@@ -91,11 +123,39 @@ public struct RouteTable: Sendable {
   /// The first route of the matching virtual host that matches the request.
   public func match(authority: String, path: String, headers: HPACKHeaders, isGRPC: Bool) -> Entry? {
     guard let hostIndex = self.virtualHost(forAuthority: authority) else { return nil }
-    let pathOnly = path.firstIndex(of: "?").map { String(path[..<$0]) } ?? path
+    let query = path.firstIndex(of: "?")
+    let pathOnly = query.map { String(path[..<$0]) } ?? path
     for entry in self.hosts[hostIndex].entries where Self.matches(entry, path: pathOnly, headers: headers, isGRPC: isGRPC) {
-      return entry
+      if entry.route.match.queryParameters.isEmpty { return entry }
+      let parameters = Self.queryParameters(query.map { path[path.index(after: $0)...] } ?? "")
+      if Self.matchesQuery(entry, parameters) { return entry }
     }
     return nil
+  }
+
+  /// Name to first value, percent-decoded, as Envoy reads them for `query_parameters`.
+  static func queryParameters(_ query: Substring) -> [String: String] {
+    var result: [String: String] = [:]
+    for pair in query.split(separator: "&") {
+      let parts = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+      let name = String(parts[0]).removingPercentEncoding ?? String(parts[0])
+      let value = parts.count > 1 ? (String(parts[1]).removingPercentEncoding ?? String(parts[1])) : ""
+      if result[name] == nil { result[name] = value }
+    }
+    return result
+  }
+
+  private static func matchesQuery(_ entry: Entry, _ parameters: [String: String]) -> Bool {
+    for (index, matcher) in entry.route.match.queryParameters.enumerated() {
+      let value = parameters[matcher.name]
+      switch matcher.kind {
+      case .present(let present):
+        if (value != nil) != present { return false }
+      case .string(let sm):
+        guard let value, sm.matches(value, regex: entry.queryRegexes[index]) else { return false }
+      }
+    }
+    return true
   }
 
   private static func matches(_ entry: Entry, path: String, headers: HPACKHeaders, isGRPC: Bool) -> Bool {

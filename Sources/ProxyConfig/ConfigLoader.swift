@@ -411,20 +411,44 @@ private struct Reader {
     var timeouts = RouteTimeouts()
     var prefixRewrite: String?
     var cors: CORSPolicy?
+    var regexRewrite: Route.RegexRewrite?
+    var hostRewrite: String?
+    var retryPolicy: Route.RetryPolicy?
     let action: Route.Action
     if let routeNode = m.optional("route") {
       let r = try routeNode.mapping()
-      guard let clusterNode = r.optional("cluster") else {
-        if let other = r.optional("weighted_clusters") ?? r.optional("cluster_header") {
-          throw other.error("'\(other.path.split(separator: ".").last ?? "")' is not supported yet; name one 'cluster'")
+      func known(_ node: YAMLValue) throws(ConfigError) -> String {
+        let name = try node.string()
+        if !clusters.contains(where: { $0.name == name }) {
+          throw node.error("no cluster named '\(name)' in static_resources.clusters")
         }
-        throw routeNode.error("the route names no 'cluster'")
+        return name
       }
-      let clusterName = try clusterNode.string()
-      if !clusters.contains(where: { $0.name == clusterName }) {
-        throw clusterNode.error("no cluster named '\(clusterName)' in static_resources.clusters")
+      if let clusterNode = r.optional("cluster") {
+        action = .cluster(try known(clusterNode))
+      } else if let weighted = r.optional("weighted_clusters") {
+        let wm = try weighted.mapping()
+        var list: [Route.WeightedCluster] = []
+        for item in try wm.required("clusters").sequence() {
+          let im = try item.mapping()
+          let name = try known(try im.required("name"))
+          let weight = try im.optional("weight")?.int() ?? 0
+          im.accept("metadata_match", "request_headers_to_add", "request_headers_to_remove", "response_headers_to_add",
+            "response_headers_to_remove", "typed_per_filter_config", "host_rewrite_literal")
+          try im.finish(known: [], warnings: self.sink)
+          list.append(.init(name: name, weight: max(0, weight)))
+        }
+        wm.accept("total_weight", "runtime_key_prefix", "header_name")
+        try wm.finish(known: [], warnings: self.sink)
+        guard list.contains(where: { $0.weight > 0 }) else { throw weighted.error("weighted_clusters needs a cluster with a weight above 0") }
+        action = .weightedClusters(list)
+      } else if let header = r.optional("cluster_header") {
+        let name = try header.string().lowercased()
+        guard !name.isEmpty, !name.hasPrefix(":") else { throw header.error("cluster_header must name a request header") }
+        action = .clusterHeader(name)
+      } else {
+        throw routeNode.error("the route names no 'cluster', 'weighted_clusters' or 'cluster_header'")
       }
-      action = .cluster(clusterName)
       timeouts.timeout = try r.optional("timeout")?.duration()
       timeouts.maxGrpcTimeout = try r.optional("max_grpc_timeout")?.duration()
       timeouts.grpcTimeoutOffset = try r.optional("grpc_timeout_offset")?.duration()
@@ -438,9 +462,19 @@ private struct Reader {
       prefixRewrite = try r.optional("prefix_rewrite")?.string()
       cors = try r.optional("cors").map { v throws(ConfigError) in try self.corsPolicy(v) }
       r.unsupported("idle_timeout", "route idle_timeout is not supported yet and is ignored", into: self.sink)
-      r.unsupported("retry_policy", "retry_policy is not supported yet: calls are not retried", into: self.sink)
-      r.unsupported("regex_rewrite", "regex_rewrite is not supported yet and is ignored", into: self.sink)
-      r.unsupported("host_rewrite_literal", "host_rewrite_literal is not supported yet and is ignored", into: self.sink)
+      if let rr = r.optional("regex_rewrite") {
+        let rm = try rr.mapping()
+        let patternNode = try rm.required("pattern")
+        let pm = try patternNode.mapping()
+        let pattern = try pm.required("regex").string()
+        pm.accept("google_re2")
+        try pm.finish(known: [])
+        guard (try? NSRegularExpression(pattern: pattern)) != nil else { throw patternNode.error("'\(pattern)' is not a valid regular expression") }
+        regexRewrite = .init(pattern: pattern, substitution: try rm.required("substitution").string())
+        try rm.finish(known: [])
+      }
+      hostRewrite = try r.optional("host_rewrite_literal")?.string()
+      if let rp = r.optional("retry_policy") { retryPolicy = try self.retryPolicy(rp) }
       r.accept("auto_host_rewrite", "cluster_not_found_response_code")
       try r.finish(known: [], warnings: self.sink)
       self.lintTimeouts(timeouts, at: routeNode)
@@ -468,8 +502,34 @@ private struct Reader {
     let response = try self.headerMutations(m, "response")
     m.accept("decorator", "metadata")
     try m.finish(known: [], warnings: self.sink)
-    return Route(name: name, match: match, action: action, timeouts: timeouts, prefixRewrite: prefixRewrite, cors: cors,
+    var route = Route(name: name, match: match, action: action, timeouts: timeouts, prefixRewrite: prefixRewrite, cors: cors,
       requestHeaders: request, responseHeaders: response)
+    route.regexRewrite = regexRewrite
+    route.hostRewrite = hostRewrite
+    route.retryPolicy = retryPolicy
+    return route
+  }
+
+  func retryPolicy(_ node: YAMLValue) throws(ConfigError) -> Route.RetryPolicy {
+    let m = try node.mapping()
+    var conditions = Set<Route.RetryPolicy.Condition>()
+    if let on = m.optional("retry_on") {
+      for word in try on.string().split(separator: ",").map({ $0.trimmingCharacters(in: .whitespaces).lowercased() }) where !word.isEmpty {
+        if let condition = Route.RetryPolicy.Condition(rawValue: word) {
+          conditions.insert(condition)
+        } else {
+          self.sink.add(on, "retry_on '\(word)' is not supported and is ignored")
+        }
+      }
+    }
+    let retries = try m.optional("num_retries")?.int() ?? 1
+    let perTry = try m.optional("per_try_timeout")?.duration()
+    var codes = Set<Int>()
+    for code in try m.optional("retriable_status_codes")?.sequence() ?? [] { codes.insert(try code.int()) }
+    m.accept("retry_back_off", "retry_host_predicate", "host_selection_retry_max_attempts", "retriable_headers",
+      "retriable_request_headers", "per_try_idle_timeout", "retry_priority", "rate_limited_retry_back_off")
+    try m.finish(known: [], warnings: self.sink)
+    return .init(retryOn: conditions, numRetries: max(0, retries), perTryTimeout: perTry, retriableStatusCodes: codes)
   }
 
   /// Envoy's `DataSource`: `inline_string`, `inline_bytes` (base64) or `filename`, read now.
@@ -555,10 +615,27 @@ private struct Reader {
     for h in try m.optional("headers")?.sequence() ?? [] {
       headers.append(try self.headerMatcher(h))
     }
+    var query: [HeaderMatcher] = []
+    for q in try m.optional("query_parameters")?.sequence() ?? [] {
+      let qm = try q.mapping()
+      let name = try qm.required("name").string()
+      if let present = qm.optional("present_match") {
+        query.append(HeaderMatcher(name: name, kind: .present(try present.bool())))
+      } else if let sm = qm.optional("string_match") {
+        query.append(HeaderMatcher(name: name, kind: .string(try self.stringMatcher(sm))))
+      } else if let value = qm.optional("value") {
+        // v2: `value`, a regex when `regex: true`.
+        let text = try value.string()
+        let isRegex = try qm.optional("regex")?.bool() ?? false
+        query.append(HeaderMatcher(name: name, kind: .string(.init(isRegex ? .regex(text) : .exact(text)))))
+      } else {
+        query.append(HeaderMatcher(name: name, kind: .present(true)))
+      }
+      try qm.finish(known: [])
+    }
     let grpcOnly = m.optional("grpc") != nil
-    m.unsupported("query_parameters", "query_parameters matching is not supported yet and is ignored", into: self.sink)
     try m.finish(known: [], warnings: self.sink)
-    return RouteMatch(path: path, caseSensitive: caseSensitive, headers: headers, grpcOnly: grpcOnly)
+    return RouteMatch(path: path, caseSensitive: caseSensitive, headers: headers, queryParameters: query, grpcOnly: grpcOnly)
   }
 
   func headerMatcher(_ node: YAMLValue) throws(ConfigError) -> HeaderMatcher {

@@ -228,13 +228,19 @@ public struct RouteMatch: Sendable, Hashable {
   public var path: PathMatch
   public var caseSensitive: Bool
   public var headers: [HeaderMatcher]
+  /// `query_parameters`: matchers on the query string's parameters, by name.
+  public var queryParameters: [HeaderMatcher]
   /// `grpc: {}`: only requests with a gRPC content-type match.
   public var grpcOnly: Bool
 
-  public init(path: PathMatch, caseSensitive: Bool = true, headers: [HeaderMatcher] = [], grpcOnly: Bool = false) {
+  public init(
+    path: PathMatch, caseSensitive: Bool = true, headers: [HeaderMatcher] = [], queryParameters: [HeaderMatcher] = [],
+    grpcOnly: Bool = false
+  ) {
     self.path = path
     self.caseSensitive = caseSensitive
     self.headers = headers
+    self.queryParameters = queryParameters
     self.grpcOnly = grpcOnly
   }
 }
@@ -274,6 +280,59 @@ public struct Route: Sendable, Hashable {
     case cluster(String)
     /// The body as bytes: from `inline_string`, `inline_bytes` or `filename`.
     case directResponse(status: Int, body: [UInt8]?)
+    /// `weighted_clusters`: each call to one of them, in proportion to the weights.
+    case weightedClusters([WeightedCluster])
+    /// `cluster_header`: the cluster named by this request header.
+    case clusterHeader(String)
+  }
+
+  public struct WeightedCluster: Sendable, Hashable {
+    public var name: String
+    public var weight: Int
+    public init(name: String, weight: Int) {
+      self.name = name
+      self.weight = weight
+    }
+  }
+
+  /// `regex_rewrite`: the path's matches of `pattern` replaced (`\1` refers to a group).
+  public struct RegexRewrite: Sendable, Hashable {
+    public var pattern: String
+    public var substitution: String
+    public init(pattern: String, substitution: String) {
+      self.pattern = pattern
+      self.substitution = substitution
+    }
+  }
+
+  /// `retry_policy`: a call is sent again, before its response has started, when its answer or
+  /// failure is one of `retryOn`.
+  public struct RetryPolicy: Sendable, Hashable {
+    public enum Condition: String, Sendable, Hashable, CaseIterable {
+      case serverError = "5xx"
+      case gatewayError = "gateway-error"
+      case reset = "reset"
+      case connectFailure = "connect-failure"
+      case refusedStream = "refused-stream"
+      case retriableStatusCodes = "retriable-status-codes"
+      case cancelled = "cancelled"
+      case deadlineExceeded = "deadline-exceeded"
+      case internalError = "internal"
+      case resourceExhausted = "resource-exhausted"
+      case unavailable = "unavailable"
+    }
+
+    public var retryOn: Set<Condition>
+    public var numRetries: Int
+    public var perTryTimeout: ProxyDuration?
+    public var retriableStatusCodes: Set<Int>
+
+    public init(retryOn: Set<Condition>, numRetries: Int = 1, perTryTimeout: ProxyDuration? = nil, retriableStatusCodes: Set<Int> = []) {
+      self.retryOn = retryOn
+      self.numRetries = numRetries
+      self.perTryTimeout = perTryTimeout
+      self.retriableStatusCodes = retriableStatusCodes
+    }
   }
 
   public var name: String?
@@ -284,6 +343,10 @@ public struct Route: Sendable, Hashable {
   public var cors: CORSPolicy?
   public var requestHeaders: HeaderMutations
   public var responseHeaders: HeaderMutations
+  public var regexRewrite: RegexRewrite?
+  /// `host_rewrite_literal`: the `:authority` sent upstream.
+  public var hostRewrite: String?
+  public var retryPolicy: RetryPolicy?
 
   public init(
     name: String? = nil,

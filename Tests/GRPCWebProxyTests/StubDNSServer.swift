@@ -42,7 +42,20 @@ final class StubDNSServer: Sendable {
   var port: Int { self.boundPort.withLock { $0 } }
   var address: HostAndPort { HostAndPort(host: "127.0.0.1", port: self.port) }
 
+  /// UDP and TCP on one port: the UDP port the system picks may be taken for TCP by another
+  /// process, so a few ports are tried.
   static func start(group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> StubDNSServer {
+    var attempt = 0
+    while true {
+      do {
+        return try await Self.startOnce(group: group)
+      } catch where attempt < 10 {
+        attempt += 1
+      }
+    }
+  }
+
+  private static func startOnce(group: any EventLoopGroup) async throws -> StubDNSServer {
     let server = StubDNSServer()
     let udp = try await DatagramBootstrap(group: group)
       .channelInitializer { channel in
@@ -50,12 +63,18 @@ final class StubDNSServer: Sendable {
       }
       .bind(host: "127.0.0.1", port: 0).get()
     let port = udp.localAddress!.port!
-    let tcp = try await ServerBootstrap(group: group)
-      .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-      .childChannelInitializer { channel in
-        channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(TCPHandler(server: server)) }
-      }
-      .bind(host: "127.0.0.1", port: port).get()
+    let tcp: any Channel
+    do {
+      tcp = try await ServerBootstrap(group: group)
+        .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+        .childChannelInitializer { channel in
+          channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(TCPHandler(server: server)) }
+        }
+        .bind(host: "127.0.0.1", port: port).get()
+    } catch {
+      try? await udp.close()
+      throw error
+    }
     server.boundPort.withLock { $0 = port }
     server.channels.withLock { $0 = [udp, tcp] }
     return server

@@ -1,6 +1,8 @@
 """Route features beyond the basic cluster route: header mutations at each level, and
 direct_response bodies read from files."""
 
+import collections
+
 from conftest import config, free_port, start_proxy
 from grpcweb import HTTP1, HTTP2, echo_req, pb_decode
 
@@ -80,3 +82,120 @@ def test_unix_socket_endpoint(tmp_path):
             p.stop()
         backend.kill()
         backend.wait()
+
+
+def _replica(r):
+    return pb_decode(r.messages[0])[3].decode() if r.grpc_status == 0 else None
+
+
+def _echo_replica(r):
+    return pb_decode(r.messages[0])[2].decode() if r.grpc_status == 0 else None
+
+
+def test_branch_header_routing_seed_004(replicas):
+    """Seed 004: a request with `branch: feature-x` goes to that branch's cluster, anything
+    else to the default `test` cluster; the same with cluster_header naming the cluster."""
+    from grpcweb import login_req
+
+    routes = """
+              - match:
+                  prefix: "/"
+                  headers:
+                  - name: branch
+                    string_match: { exact: feature-x }
+                route: { cluster: feature-x, timeout: 0s }
+              - match: { prefix: "/by-header/" }
+                route: { cluster_header: x-cluster, prefix_rewrite: "/", timeout: 0s }
+              - match: { prefix: "/" }
+                route: { cluster: test, timeout: 0s }"""
+    port = free_port()
+    p = start_proxy(config(port, {"test": [replicas[0].port], "feature-x": [replicas[1].port]}, routes, cors=False), port)
+    try:
+        c = HTTP2(port)
+        assert _replica(c.call("/demo.User/login", login_req("demo", "demo123"), headers={"branch": "feature-x"})) == "r2"
+        assert _replica(c.call("/demo.User/login", login_req("demo", "demo123"), headers={"branch": "feature-y"})) == "r1"
+        assert _replica(c.call("/demo.User/login", login_req("demo", "demo123"))) == "r1"
+        assert _replica(c.call("/by-header/demo.User/login", login_req("demo", "demo123"), headers={"x-cluster": "feature-x"})) == "r2"
+        missing = c.call("/by-header/demo.User/login", login_req("demo", "demo123"), headers={"x-cluster": "nope"})
+        assert (missing.status, missing.grpc_status, missing.grpc_message) == (503, 14, "cluster not found")
+        c.close()
+    finally:
+        p.stop()
+
+
+def test_weighted_clusters_query_parameters_and_regex_rewrite(replicas):
+    from grpcweb import login_req
+
+    routes = """
+              - match:
+                  prefix: "/"
+                  query_parameters:
+                  - name: v
+                    string_match: { exact: "2" }
+                direct_response: { status: 200, body: { inline_string: "version 2" } }
+              - match: { prefix: "/api/" }
+                route:
+                  cluster: b
+                  timeout: 0s
+                  regex_rewrite: { pattern: { regex: "^/api/v[0-9]+/(.*)$" }, substitution: "/\\\\1" }
+              - match: { prefix: "/" }
+                route:
+                  timeout: 0s
+                  weighted_clusters:
+                    clusters:
+                    - { name: a, weight: 3 }
+                    - { name: b, weight: 1 }"""
+    port = free_port()
+    p = start_proxy(config(port, {"a": [replicas[0].port], "b": [replicas[1].port]}, routes, cors=False), port)
+    try:
+        c = HTTP2(port)
+        seen = collections.Counter(_replica(c.call("/demo.User/login", login_req("demo", "demo123"))) for _ in range(400))
+        assert 250 <= seen["r1"] <= 350 and seen["r1"] + seen["r2"] == 400, seen
+        assert c.call("/demo.User/login?w=1&v=2", login_req("demo", "demo123")).raw == b"version 2"
+        assert c.call("/demo.User/login?v=3", login_req("demo", "demo123")).raw != b"version 2"
+        assert _replica(c.call("/api/v1/demo.User/login", login_req("demo", "demo123"))) == "r2"
+        c.close()
+    finally:
+        p.stop()
+
+
+def test_retry_policy_retries_unavailable_and_per_try_timeout(replicas):
+    import time
+
+    from grpcweb import echo_req
+
+    routes = """
+              - match: { prefix: "/slow/" }
+                route:
+                  cluster: users
+                  prefix_rewrite: "/"
+                  timeout: 0s
+                  retry_policy: { retry_on: "deadline-exceeded", num_retries: 1, per_try_timeout: 0.2s }
+              - match: { prefix: "/retried/" }
+                route:
+                  cluster: users
+                  prefix_rewrite: "/"
+                  timeout: 0s
+                  retry_policy: { retry_on: "unavailable,reset,connect-failure", num_retries: 2 }
+              - match: { prefix: "/" }
+                route: { cluster: users, timeout: 0s }"""
+    port = free_port()
+    p = start_proxy(config(port, {"users": [r.port for r in replicas]}, routes, cors=False), port)
+    try:
+        c = HTTP2(port)
+        # r1 fails every call with UNAVAILABLE (a trailers-only answer): retried elsewhere.
+        retried = [c.call("/retried/demo.Echo/Unary", echo_req("x"), headers={"x-fail-replica": "r1"}) for _ in range(30)]
+        assert all(r.grpc_status == 0 for r in retried), [r.grpc_message for r in retried if r.grpc_status]
+        assert "r1" not in {_echo_replica(r) for r in retried}
+        # Without a retry policy a third of them fail.
+        plain = [c.call("/demo.Echo/Unary", echo_req("x"), headers={"x-fail-replica": "r1"}) for _ in range(30)]
+        assert sum(1 for r in plain if r.grpc_status == 14) == 10
+        # Each try gets 0.2 s; two tries of an 800 ms call: 504, upstream request timeout.
+        start = time.monotonic()
+        slow = c.call("/slow/demo.Echo/Unary", echo_req("x", delay_ms=800))
+        elapsed = time.monotonic() - start
+        assert (slow.status, slow.grpc_status, slow.grpc_message) == (504, 14, "upstream request timeout")
+        assert 0.35 < elapsed < 0.75, elapsed
+        c.close()
+    finally:
+        p.stop()

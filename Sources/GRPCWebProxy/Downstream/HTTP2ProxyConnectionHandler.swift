@@ -168,9 +168,15 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
 
   fileprivate var isWritable: Bool { self.context?.channel.isWritable ?? false }
 
-  fileprivate func write(_ frame: HTTP2Frame) {
-    self.context?.write(self.wrapOutboundOut(frame), promise: nil)
+  fileprivate func write(_ frame: HTTP2Frame, promise: EventLoopPromise<Void>? = nil) {
+    guard let context = self.context else {
+      promise?.fail(ChannelError.ioOnClosedChannel)
+      return
+    }
+    context.write(self.wrapOutboundOut(frame), promise: promise)
   }
+
+  fileprivate var eventLoop: (any EventLoop)? { self.context?.eventLoop }
 
   /// The stream's response has ended; forget it (a late reset by the client finds nothing).
   fileprivate func finished(_ id: HTTP2StreamID) {
@@ -225,8 +231,24 @@ final class HTTP2DownstreamStream: DownstreamStream {
   }
 
   func write(body: ByteBuffer, endStream: Bool) {
-    self.connection.write(HTTP2Frame(streamID: self.id, payload: .data(.init(data: .byteBuffer(body), endStream: endStream))))
-    if endStream { self.ended() }
+    let frame = HTTP2Frame(streamID: self.id, payload: .data(.init(data: .byteBuffer(body), endStream: endStream)))
+    guard endStream, !self.requestEnded, let loop = self.connection.eventLoop else {
+      self.connection.write(frame)
+      if endStream { self.ended() }
+      return
+    }
+    // The response ends before the request: the RST_STREAM that tells the client to stop sending
+    // must follow the DATA out, or NIOHTTP2 drops the DATA still waiting for flow control.
+    let written = loop.makePromise(of: Void.self)
+    self.connection.write(frame, promise: written)
+    self.requestEnded = true
+    self.ended()
+    let id = self.id
+    let connection = self.connection
+    written.futureResult.assumeIsolated().whenSuccess {
+      connection.write(HTTP2Frame(streamID: id, payload: .rstStream(.noError)))
+      connection.scheduleFlush()
+    }
   }
 
   func writeEnd(trailers: HPACKHeaders?) {

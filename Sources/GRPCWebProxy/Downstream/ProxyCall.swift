@@ -90,6 +90,11 @@ final class ProxyCall: UpstreamStreamDelegate {
   private var replays = 0
   /// Holds one of the cluster's `max_retries` until the call ends.
   private var retrying = false
+  /// The route's `retry_policy`, and what is left of its `num_retries`.
+  private var retryPolicy: Route.RetryPolicy?
+  private var retriesLeft = 0
+  private var attempts = 1
+  private var perTryTask: Scheduled<Void>?
   static let replayableBytes = 64 * 1024
   static let maxReplays = 3
   private var clusterName = ""
@@ -157,17 +162,25 @@ final class ProxyCall: UpstreamStreamDelegate {
       return
     case .cluster(let name):
       clusterName = name
+    case .weightedClusters(let clusters):
+      clusterName = self.runtime.upstreams.pick(clusters)
+    case .clusterHeader(let header):
+      guard let name = headers.first(name: header), self.runtime.upstreams.has(cluster: name) else {
+        // Envoy's cluster_not_found_response_code: 503.
+        self.runtime.logger.debug("cluster_header names no cluster", metadata: ["header": "\(header)"])
+        self.reject(self.translator.localReply(httpStatus: 503, grpcStatus: 14, message: "cluster not found"), endStream: endStream)
+        return
+      }
+      clusterName = name
     }
 
     let plan = DeadlinePlan.make(timeouts: entry.route.timeouts, grpcTimeoutHeader: headers.first(name: "grpc-timeout"), isGRPC: kind.isGRPC)
     self.deadline = plan
     if plan.start == .requestStart { self.startDeadline() }
 
-    var upstreamPath = path
-    if let rewrite = entry.route.prefixRewrite, case .prefix(let prefix) = entry.route.match.path {
-      upstreamPath = rewrite + path.dropFirst(prefix.count)
-    }
+    let upstreamPath = entry.upstreamPath(path)
     var upstreamHeaders = RequestTranslator.upstreamHeaders(headers, kind: kind, path: upstreamPath, grpcTimeout: plan.upstreamGRPCTimeout)
+    if let host = entry.route.hostRewrite { upstreamHeaders.replaceOrAdd(name: ":authority", value: host) }
     if !entry.requestHeaders.isEmpty { HeaderMutations.apply(entry.requestHeaders, to: &upstreamHeaders, request: headers) }
     var requestText = false
     if case .grpcWeb(let text, _) = kind { requestText = text }
@@ -176,6 +189,10 @@ final class ProxyCall: UpstreamStreamDelegate {
     self.upstream = .opening(pending: [.headers(.init(headers: upstreamHeaders, endStream: endStream))])
 
     self.clusterName = clusterName
+    if let policy = entry.route.retryPolicy {
+      self.retryPolicy = policy
+      self.retriesLeft = policy.numRetries
+    }
     self.runtime.upstreams.openStream(cluster: clusterName, for: self) { result in
       self.upstreamOpened(result)
     }
@@ -266,7 +283,16 @@ final class ProxyCall: UpstreamStreamDelegate {
         self.remember(frame)
         stream.write(frame)
       }
+      self.startPerTryTimer()
     case .failure(let error):
+      if !error.noHealthyUpstream, let policy = self.retryPolicy,
+        policy.retryOn.contains(.connectFailure) || policy.retryOn.contains(.serverError)
+          || policy.retryOn.contains(.gatewayError) || policy.retryOn.contains(.reset)
+      {
+        // Nothing was sent: all of the request so far is in `pending`.
+        self.sentFrames = pending
+        if self.retry(outcome: nil) { return }
+      }
       self.upstream = .closed
       self.runtime.logger.debug("no upstream stream", metadata: ["reason": "\(error.reason)"])
       self.apply(self.translator.fail(error.noHealthyUpstream ? .noHealthyUpstream : .upstreamReset(reason: error.reason)))
@@ -274,6 +300,14 @@ final class ProxyCall: UpstreamStreamDelegate {
   }
 
   func upstreamHeaders(_ headers: HPACKHeaders, endStream: Bool) {
+    if self.sentFrames != nil, let policy = self.retryPolicy, self.retriesLeft > 0,
+      let outcome = Self.retriable(headers, endStream: endStream, policy: policy)
+    {
+      if endStream { self.upstreamEnded = true }
+      if self.retry(outcome: outcome) { return }
+    }
+    self.perTryTask?.cancel()
+    self.perTryTask = nil
     self.sentFrames = nil
     if endStream {
       self.upstreamEnded = true
@@ -299,6 +333,11 @@ final class ProxyCall: UpstreamStreamDelegate {
   func upstreamClosed(reason: String, unprocessed: Bool) {
     if case .open = self.upstream { self.upstream = .closed }
     guard !self.translator.isFinished else { return }
+    if !unprocessed, self.sentFrames != nil, let policy = self.retryPolicy,
+      policy.retryOn.contains(.reset) || policy.retryOn.contains(.serverError) || policy.retryOn.contains(.gatewayError)
+    {
+      if self.retry(outcome: 503) { return }
+    }
     if unprocessed, let frames = self.sentFrames, self.replays < Self.maxReplays,
       self.retrying || self.runtime.upstreams.beginRetry(cluster: self.clusterName)
     {
@@ -341,6 +380,80 @@ final class ProxyCall: UpstreamStreamDelegate {
       stream.write(frame)
     case .none, .closed:
       break
+    }
+  }
+
+  // MARK: - Retries (retry_policy)
+
+  /// The answer as an HTTP status when `policy` says to try again on it: a 5xx head, or a
+  /// trailers-only gRPC status named in `retry_on`. Nil when the answer stands.
+  private static func retriable(_ headers: HPACKHeaders, endStream: Bool, policy: Route.RetryPolicy) -> Int? {
+    let status = headers.first(name: ":status").flatMap { Int($0) } ?? 200
+    if status >= 500 {
+      if policy.retryOn.contains(.serverError) { return status }
+      if policy.retryOn.contains(.gatewayError) && (502...504).contains(status) { return status }
+    }
+    if policy.retryOn.contains(.retriableStatusCodes) && policy.retriableStatusCodes.contains(status) { return status }
+    guard endStream, let grpc = headers.first(name: "grpc-status").flatMap({ Int($0) }) else { return nil }
+    let condition: Route.RetryPolicy.Condition?
+    switch grpc {
+    case 1: condition = .cancelled
+    case 4: condition = .deadlineExceeded
+    case 8: condition = .resourceExhausted
+    case 13: condition = .internalError
+    case 14: condition = .unavailable
+    default: condition = nil
+    }
+    guard let condition, policy.retryOn.contains(condition) else { return nil }
+    return Self.outcome(headers)
+  }
+
+  /// Lets go of this attempt and sends the call again after a jittered back-off (Envoy's: 25 ms
+  /// doubling, at most 250 ms), if the policy has retries left, the request is still held, and
+  /// the cluster's `max_retries` allows. The response has not started, so the client sees only
+  /// the last attempt.
+  private func retry(outcome: Int?) -> Bool {
+    guard self.retriesLeft > 0, let frames = self.sentFrames, !self.translator.isFinished,
+      self.retrying || self.runtime.upstreams.beginRetry(cluster: self.clusterName)
+    else { return false }
+    self.retrying = true
+    self.retriesLeft -= 1
+    self.attempts += 1
+    self.perTryTask?.cancel()
+    self.perTryTask = nil
+    if case .open(let stream) = self.upstream {
+      if self.upstreamEnded && self.requestSentEnd { stream.release() } else { stream.cancel() }
+    }
+    if let slot = self.upstreamSlot {
+      self.upstreamSlot = nil
+      self.runtime.upstreams.callEnded(cluster: slot.cluster, endpoint: slot.endpoint, status: outcome)
+    }
+    self.upstreamEnded = false
+    self.upstreamOutcome = nil
+    self.sentFrames = []
+    self.sentBytes = 0
+    self.upstream = .opening(pending: frames)
+    let ceiling = min(25 << min(self.attempts - 2, 4), 250)
+    let backoff = Int64.random(in: 1...Int64(ceiling))
+    self.runtime.logger.debug("retrying the call", metadata: ["attempt": "\(self.attempts)", "backoffMs": "\(backoff)"])
+    self.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(backoff)) {
+      guard case .opening = self.upstream, !self.translator.isFinished else { return }
+      self.runtime.upstreams.openStream(cluster: self.clusterName, for: self) { result in
+        self.upstreamOpened(result)
+      }
+    }
+    return true
+  }
+
+  private func startPerTryTimer() {
+    guard let timeout = self.retryPolicy?.perTryTimeout, !timeout.isZero else { return }
+    self.perTryTask?.cancel()
+    self.perTryTask = self.eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(timeout.nanoseconds)) {
+      self.perTryTask = nil
+      guard !self.translator.isFinished, self.sentFrames != nil else { return }
+      if self.retry(outcome: 504) { return }
+      self.runtime.logger.debug("per-try timeout", metadata: ["ms": "\(timeout.milliseconds)"])
+      self.apply(self.translator.fail(.timeout(message: "upstream request timeout", httpStatus: 504)))
     }
   }
 
@@ -451,6 +564,8 @@ final class ProxyCall: UpstreamStreamDelegate {
   private func cleanUp() {
     self.deadlineTask?.cancel()
     self.deadlineTask = nil
+    self.perTryTask?.cancel()
+    self.perTryTask = nil
     if let slot = self.upstreamSlot {
       self.upstreamSlot = nil
       self.runtime.upstreams.callEnded(cluster: slot.cluster, endpoint: slot.endpoint, status: self.upstreamOutcome)

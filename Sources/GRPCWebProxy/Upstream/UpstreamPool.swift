@@ -131,6 +131,22 @@ final class LoopUpstreams {
     })
   }
 
+  func has(cluster name: String) -> Bool {
+    self.clusters[name] != nil
+  }
+
+  /// `weighted_clusters`: one cluster, drawn in proportion to the weights.
+  func pick(_ clusters: [Route.WeightedCluster]) -> String {
+    let total = clusters.reduce(0) { $0 + $1.weight }
+    guard total > 0 else { return clusters[0].name }
+    var draw = Int(self.random.next() % UInt64(total))
+    for cluster in clusters {
+      if draw < cluster.weight { return cluster.name }
+      draw -= cluster.weight
+    }
+    return clusters[clusters.count - 1].name
+  }
+
   /// A call the server never processed is about to be sent again: allowed while the cluster has
   /// fewer than `max_retries` such calls in progress. Each allowed one ends with `retryEnded`.
   func beginRetry(cluster name: String) -> Bool {
