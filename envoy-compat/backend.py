@@ -93,6 +93,15 @@ class StreamContext:
         self.request = stream.record
 
     @property
+    def listener(self) -> str:
+        """Where the request came in: the backend's port, or its unix socket path."""
+        t = self._conn.transport
+        name = t.get_extra_info("sockname") if t is not None else None
+        if isinstance(name, tuple):
+            return str(name[1])
+        return str(name or "")
+
+    @property
     def alive(self) -> bool:
         return not self._stream.closed and not self._conn.closed
 
@@ -386,7 +395,8 @@ async def _bad_flag(ctx: StreamContext):
 
 @scenario("Echo")
 async def _echo(ctx: StreamContext):
-    """Echo the request body as one message; request headers come back as x-seen-<name>."""
+    """Echo the request body as one message; request headers come back as x-seen-<name>, and
+    x-backend-listener names the port (or unix socket) the request came in on."""
     req = ctx.request
     extra: list[tuple[bytes, bytes]] = [GRPC_CT]
     for k, v in req.headers:
@@ -395,9 +405,32 @@ async def _echo(ctx: StreamContext):
     for k, v in req.trailers:
         extra.append((b"x-seen-trailer-" + k.encode(), v.encode()))
     extra.append((b"x-seen-body-length", str(len(req.body)).encode()))
+    extra.append((b"x-backend-listener", ctx.listener.encode()))
     ctx.headers(200, extra)
     await ctx.data(grpc_frame(bytes(req.body)))
     ctx.trailers([(b"grpc-status", b"0")])
+
+
+@scenario("Check")
+async def _health_check(ctx: StreamContext):
+    """grpc.health.v1.Health/Check: SERVING, whatever the service (for configs with health_checks)."""
+    ctx.headers(200, [GRPC_CT])
+    await ctx.data(grpc_frame(b"\x08\x01"))  # HealthCheckResponse{status: SERVING}
+    ctx.trailers([(b"grpc-status", b"0")])
+
+
+@scenario("FlakyOnce")
+async def _flaky_once(ctx: StreamContext):
+    """The first request of an x-case-id gets a trailers-only UNAVAILABLE, later ones an Echo
+    (a retry_policy with retry_on: unavailable turns the call into a success)."""
+    case_id = ctx.request.case_id
+    earlier = [r for r in ctx._conn.backend.records(case_id) if r is not ctx.request] if case_id else []
+    if not earlier:
+        ctx.headers(
+            200, [GRPC_CT, (b"grpc-status", b"14"), (b"grpc-message", b"flaky: try again")], end=True
+        )
+        return
+    await _echo(ctx)
 
 
 _STATUS_RE = re.compile(r"^Status(\d{3})$")
@@ -582,6 +615,7 @@ class Backend:
         self._conns: set[_Connection] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server = None
+        self._extra_servers: list = []
         self._thread: threading.Thread | None = None
 
     def _record(self, rec: RequestRecord):
@@ -620,6 +654,30 @@ class Backend:
             raise err[0]
         return self
 
+    def add_tcp_listener(self) -> int:
+        """Also serve on another loopback port (so a test can tell clusters apart); returns it."""
+        loop = self._loop
+        assert loop is not None, "start() first"
+
+        async def listen():
+            srv = await loop.create_server(lambda: _Connection(self), self.host, 0, backlog=512)
+            self._extra_servers.append(srv)
+            return srv.sockets[0].getsockname()[1]
+
+        return asyncio.run_coroutine_threadsafe(listen(), loop).result(10)
+
+    def add_unix_listener(self, path: str) -> str:
+        """Also serve on a unix socket (for `pipe` endpoints); returns the path."""
+        loop = self._loop
+        assert loop is not None, "start() first"
+
+        async def listen():
+            srv = await loop.create_unix_server(lambda: _Connection(self), path, backlog=512)
+            self._extra_servers.append(srv)
+
+        asyncio.run_coroutine_threadsafe(listen(), loop).result(10)
+        return path
+
     def stop(self):
         loop = self._loop
         if loop is None:
@@ -627,6 +685,8 @@ class Backend:
 
         async def shutdown():
             self._server.close()
+            for srv in self._extra_servers:
+                srv.close()
             for c in list(self._conns):
                 c.abort()
 

@@ -144,6 +144,7 @@ class Response:
     h2_end: str | None = None
     h2_data_frames: list[int] = dataclasses.field(default_factory=list)  # sizes of DATA frames
     error: str | None = None
+    graceful_goaway: bool = False  # HTTP/2: a GOAWAY(NO_ERROR) that still covered the stream arrived
     elapsed: float = 0.0  # seconds from sending the request headers to the end
     first_byte: float | None = None  # seconds until the response headers arrived
 
@@ -400,6 +401,19 @@ def _read_h1_response_inner(r: "_Reader", resp: Response, method: str, start: fl
 # --------------------------------------------------------------------------- HTTP/2
 
 
+class _H2Connection(h2.connection.H2Connection):
+    """h2's connection, except that a graceful GOAWAY (NO_ERROR) covering our streams does not end
+    it: the server is closing the connection after those streams (Envoy with
+    max_requests_per_connection, say), and h2 would refuse their frames that still arrive."""
+
+    def _receive_goaway_frame(self, frame):
+        state = self.state_machine.state
+        frames, events = super()._receive_goaway_frame(frame)
+        if frame.error_code == 0 and frame.last_stream_id >= self.highest_outbound_stream_id:
+            self.state_machine.state = state
+        return frames, events
+
+
 def h2_request(
     port: int,
     method: str,
@@ -429,7 +443,7 @@ def h2_request(
         validate_inbound_headers=False,
         normalize_inbound_headers=False,
     )
-    conn = h2.connection.H2Connection(config=cfg)
+    conn = _H2Connection(config=cfg)
     try:
         sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     except OSError as e:
@@ -523,6 +537,12 @@ def h2_request(
                     resp.h2_end = f"rst:{int(ev.error_code)}"
                     done = True
                 elif isinstance(ev, h2.events.ConnectionTerminated):
+                    if (ev.error_code == 0 and ev.last_stream_id is not None
+                            and ev.last_stream_id >= sid):
+                        # A graceful GOAWAY that still covers our stream (a server closing the
+                        # connection after this request): the stream goes on; keep reading.
+                        resp.graceful_goaway = True
+                        continue
                     resp.end = "reset"
                     resp.h2_end = "goaway"
                     done = True
