@@ -368,7 +368,8 @@ public struct ResponseTranslator: Sendable {
     case .upstreamReset(let reason):
       return (503, 14, "upstream connect error or disconnect/reset before headers. reset reason: \(reason)")
     case .timeout(let message, let httpStatus):
-      return (httpStatus, 14, message)
+      // 504 for a deadline (UNAVAILABLE, as Envoy maps it), 408 for an idle stream (UNKNOWN).
+      return (httpStatus, GRPCProtocol.status(forHTTPStatus: httpStatus), message)
     case .responseFrameTooLarge(let length, let limit):
       return (502, 8, "response message of \(length) bytes exceeds the proxy's text-mode limit of \(limit) bytes")
     case .truncatedResponse:

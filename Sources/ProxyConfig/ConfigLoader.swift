@@ -239,9 +239,10 @@ private struct Reader {
   ) throws(ConfigError) -> Listener {
     m.accept("@type", "stat_prefix", "access_log", "use_remote_address", "xff_num_trusted_hops", "generate_request_id",
       "server_name", "common_http_protocol_options", "http_protocol_options", "http2_protocol_options",
-      "stream_idle_timeout", "request_timeout", "upgrade_configs", "normalize_path", "merge_slashes",
+      "request_timeout", "upgrade_configs", "normalize_path", "merge_slashes",
       "skip_xff_append", "via", "forward_client_cert_details", "set_current_client_cert_details", "tracing")
     let codec = try m.optional("codec_type")?.enumeration(CodecType.self) ?? .auto
+    let streamIdle = try m.optional("stream_idle_timeout")?.duration()
     if let rds = m.optional("rds") {
       throw rds.error("rds (routes from xDS) is not supported: put the routes in route_config")
     }
@@ -270,7 +271,7 @@ private struct Reader {
       self.sink.add(m.at, "no router filter in http_filters: Envoy would answer every request with 404; grpc-web-proxy routes anyway")
     }
     try m.finish(known: [], warnings: self.sink)
-    return Listener(
+    var listener = Listener(
       name: name,
       address: address,
       codec: codec,
@@ -278,6 +279,8 @@ private struct Reader {
       grpcWebEnabled: grpcWeb,
       corsEnabled: cors
     )
+    if let streamIdle, !streamIdle.isZero { listener.streamIdleTimeout = streamIdle }
+    return listener
   }
 
   // MARK: - Routes
@@ -461,7 +464,7 @@ private struct Reader {
       }
       prefixRewrite = try r.optional("prefix_rewrite")?.string()
       cors = try r.optional("cors").map { v throws(ConfigError) in try self.corsPolicy(v) }
-      r.unsupported("idle_timeout", "route idle_timeout is not supported yet and is ignored", into: self.sink)
+      timeouts.idleTimeout = try r.optional("idle_timeout")?.duration()
       if let rr = r.optional("regex_rewrite") {
         let rm = try rr.mapping()
         let patternNode = try rm.required("pattern")

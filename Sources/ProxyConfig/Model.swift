@@ -83,6 +83,9 @@ public struct Listener: Sendable, Hashable {
   public var address: HostAndPort
   public var codec: CodecType
   public var routeConfig: RouteConfiguration
+  /// `stream_idle_timeout` of the http_connection_manager, when set (Envoy's default of 5 minutes
+  /// is not applied: it cuts quiet server streams).
+  public var streamIdleTimeout: ProxyDuration?
   /// Whether the http_filters chain holds a grpc_web filter. Without it, gRPC-Web requests are
   /// routed untouched, as Envoy does.
   public var grpcWebEnabled: Bool
@@ -255,6 +258,9 @@ public struct RouteTimeouts: Sendable, Hashable {
   public var maxStreamDuration: ProxyDuration?
   public var grpcTimeoutHeaderMax: ProxyDuration?
   public var grpcTimeoutHeaderOffset: ProxyDuration?
+  /// `idle_timeout`: a call with no bytes either way for this long ends; nil falls back to the
+  /// listener's `stream_idle_timeout`; zero disables it.
+  public var idleTimeout: ProxyDuration?
 
   public init(
     timeout: ProxyDuration? = nil,

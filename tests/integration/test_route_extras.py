@@ -199,3 +199,24 @@ def test_retry_policy_retries_unavailable_and_per_try_timeout(replicas):
         c.close()
     finally:
         p.stop()
+
+
+def test_route_idle_timeout_ends_quiet_calls_only(replicas):
+    from grpcweb import Reply, frame
+
+    routes = """
+              - match: { prefix: "/" }
+                route: { cluster: users, timeout: 0s, idle_timeout: 0.5s }"""
+    port = free_port()
+    p = start_proxy(config(port, {"users": [r.port for r in replicas]}, routes, cors=False), port)
+    try:
+        c = HTTP2(port)
+        busy = c.call("/demo.Echo/ServerStream", echo_req("s", count=6, delay_ms=200))
+        assert busy.grpc_status == 0 and len(busy.messages) == 6, "messages every 200 ms keep the call alive"
+        quiet = c.call("/demo.Echo/ServerStream", echo_req("s", count=3, delay_ms=900))
+        assert quiet.status == 200 and quiet.grpc_status == 4 and quiet.grpc_message == "stream timeout"
+        before = c.call("/demo.Echo/Unary", echo_req("u", delay_ms=900))
+        assert (before.status, before.grpc_status, before.grpc_message) == (408, 2, "stream timeout")
+        c.close()
+    finally:
+        p.stop()

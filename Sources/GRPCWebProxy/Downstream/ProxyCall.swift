@@ -95,6 +95,11 @@ final class ProxyCall: UpstreamStreamDelegate {
   private var retriesLeft = 0
   private var attempts = 1
   private var perTryTask: Scheduled<Void>?
+  /// `idle_timeout` / `stream_idle_timeout`: the last time bytes moved, checked by a timer
+  /// rather than a timer rescheduled per frame.
+  private var idleTimeout: TimeAmount?
+  private var lastActivity = NIODeadline.now()
+  private var idleTask: Scheduled<Void>?
   static let replayableBytes = 64 * 1024
   static let maxReplays = 3
   private var clusterName = ""
@@ -189,6 +194,10 @@ final class ProxyCall: UpstreamStreamDelegate {
     self.upstream = .opening(pending: [.headers(.init(headers: upstreamHeaders, endStream: endStream))])
 
     self.clusterName = clusterName
+    if let idle = entry.route.timeouts.idleTimeout ?? self.runtime.listener.streamIdleTimeout, !idle.isZero {
+      self.idleTimeout = .nanoseconds(idle.nanoseconds)
+      self.scheduleIdleCheck(in: .nanoseconds(idle.nanoseconds))
+    }
     if let policy = entry.route.retryPolicy {
       self.retryPolicy = policy
       self.retriesLeft = policy.numRetries
@@ -200,6 +209,7 @@ final class ProxyCall: UpstreamStreamDelegate {
 
   func receiveBody(_ buffer: ByteBuffer) {
     guard case .forwarding(let decoder) = self.request else { return }
+    if self.idleTimeout != nil { self.lastActivity = .now() }
     var payload = buffer
     if var text = decoder {
       var decoded = self.allocator.buffer(capacity: buffer.readableBytes / 4 * 3 + 3)
@@ -309,6 +319,7 @@ final class ProxyCall: UpstreamStreamDelegate {
     self.perTryTask?.cancel()
     self.perTryTask = nil
     self.sentFrames = nil
+    if self.idleTimeout != nil { self.lastActivity = .now() }
     if endStream {
       self.upstreamEnded = true
       self.upstreamOutcome = Self.outcome(headers)
@@ -320,6 +331,7 @@ final class ProxyCall: UpstreamStreamDelegate {
 
   func upstreamData(_ data: ByteBuffer, endStream: Bool) {
     self.sentFrames = nil
+    if self.idleTimeout != nil { self.lastActivity = .now() }
     if endStream { self.upstreamEnded = true }
     self.apply(self.translator.receiveData(data, endStream: endStream))
     if let downstream = self.downstream, !downstream.isWritable, case .open(let stream) = self.upstream {
@@ -445,6 +457,20 @@ final class ProxyCall: UpstreamStreamDelegate {
     return true
   }
 
+  private func scheduleIdleCheck(in delay: TimeAmount) {
+    self.idleTask = self.eventLoop.assumeIsolated().scheduleTask(in: delay) {
+      self.idleTask = nil
+      guard let idle = self.idleTimeout, !self.translator.isFinished else { return }
+      let quiet = NIODeadline.now() - self.lastActivity
+      if quiet < idle {
+        self.scheduleIdleCheck(in: idle - quiet)
+        return
+      }
+      self.runtime.logger.debug("stream idle timeout", metadata: ["ms": "\(idle.nanoseconds / 1_000_000)"])
+      self.apply(self.translator.fail(.timeout(message: "stream timeout", httpStatus: 408)))
+    }
+  }
+
   private func startPerTryTimer() {
     guard let timeout = self.retryPolicy?.perTryTimeout, !timeout.isZero else { return }
     self.perTryTask?.cancel()
@@ -566,6 +592,8 @@ final class ProxyCall: UpstreamStreamDelegate {
     self.deadlineTask = nil
     self.perTryTask?.cancel()
     self.perTryTask = nil
+    self.idleTask?.cancel()
+    self.idleTask = nil
     if let slot = self.upstreamSlot {
       self.upstreamSlot = nil
       self.runtime.upstreams.callEnded(cluster: slot.cluster, endpoint: slot.endpoint, status: self.upstreamOutcome)
