@@ -55,41 +55,11 @@ DEVIATIONS = {
 # Each entry is an xfail(strict=True): when the feature lands, the item passes, the run fails, and
 # the entry must go.
 
-_CORS_KEY = ("CORS policy in typed_per_filter_config under a key that names no filter of the chain "
-             "('envoy.filter.http.cors') is applied by the proxy; Envoy 1.40 applies no policy (preflights "
-             "go upstream, no access-control-* headers)")
-_DIRECT_GRPC = ("direct_response to a gRPC-Web call: Envoy answers as gRPC (grpc-web content-type, "
-                "grpc-status from the HTTP status: 404 -> 12, grpc-message = the body, no body, no CORS "
-                "headers); the proxy sends the body as text/plain (with CORS headers)")
-_DIRECT_PREFLIGHT = ("CORS preflight to a direct_response route: Envoy's CORS filter skips routes without a "
-                     "route entry, so the direct response (404 + body) answers; the proxy answers the preflight")
-_FOLDED_HEADERS = ("CORS allow_headers with a line break (a folded YAML scalar ends in a newline): the proxy "
-                   "closes the connection on every preflight without an answer; Envoy answers 200")
-_HOST_REWRITE = ("host_rewrite_literal: every call on the route fails with 503 'upstream connect error ... "
-                 "connection termination': the proxy connects to the upstream and resets the connection "
-                 "without sending a byte (Envoy forwards with :authority rewritten)")
-_WEIGHTED_HEADERS = "weighted_clusters: a weighted cluster's request_headers_to_add is not applied"
 _LOCAL_RATELIMIT = ("local_ratelimit is not supported (the proxy skips the filter with a start-up warning): "
                     "Envoy's per-route bucket (1 call per 60 s) answers 429 'local_rate_limited'")
-_SAME_LISTENER = ("two listeners with the same name on one address: Envoy keeps the first and ignores the "
-                  "second; the proxy exits at start-up ('Address already in use'), though --mode validate "
-                  "accepts the file")
 
 KNOWN: dict[tuple[str, str], str] = {
-    ("06-kubeflow-pipelines-metadata-envoy.yaml", "r0:preflight*"): _CORS_KEY,
-    ("06-kubeflow-pipelines-metadata-envoy.yaml", "r0:cors-*"): _CORS_KEY,
-    ("07-kubeflow-pipelines-metadata-envoy-tls.yaml", "r0:preflight*"): _CORS_KEY,
-    ("07-kubeflow-pipelines-metadata-envoy-tls.yaml", "r0:cors-*"): _CORS_KEY,
-    ("08-oasisprotocol-oasis-sdk-core-playground.yaml", "r1:h*"): _DIRECT_GRPC,
-    ("08-oasisprotocol-oasis-sdk-core-playground.yaml", "r1:cors-*"): _DIRECT_GRPC,
-    ("08-oasisprotocol-oasis-sdk-core-playground.yaml", "r1:preflight*"): _DIRECT_PREFLIGHT,
-    ("29-pixie-io-pixie-cloud-proxy.yaml", "r[01]:preflight*"): _FOLDED_HEADERS,
     ("35-fonoster-fonoster-tls.yaml", "r1:h2-text"): _LOCAL_RATELIMIT,
-    ("42-canonical-envoy-operator-many-relations.yaml", "l[01].r0:*"): _SAME_LISTENER,
-    ("48-0xfreak0-sui-x402-verifier-x402-gateway.yaml", "r[0125]:h*"): _HOST_REWRITE,
-    ("48-0xfreak0-sui-x402-verifier-x402-gateway.yaml", "r[0125]:cors-*"): _HOST_REWRITE,
-    ("own-weighted-clusters.yaml", "r0:h*"): _WEIGHTED_HEADERS,
-    ("own-weighted-clusters.yaml", "r0:cors-*"): _WEIGHTED_HEADERS,
 }
 
 

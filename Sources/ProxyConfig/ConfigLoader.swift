@@ -109,6 +109,13 @@ public enum ConfigLoader {
 private struct Reader {
   let sink: WarningSink
   let directory: String?
+  /// What the connection manager being read says that its routes need to know.
+  let scope = Scope()
+
+  final class Scope {
+    /// The names the chain's CORS filter goes by: a `typed_per_filter_config` key must be one.
+    var corsFilterNames: Set<String> = []
+  }
 
   func configuration(_ root: YAMLValue) throws(ConfigError) -> ProxyConfiguration {
     let top = try root.mapping()
@@ -140,7 +147,16 @@ private struct Reader {
     }
     var listeners: [Listener] = []
     for node in try resources.required("listeners").sequence() {
-      listeners.append(try self.listener(node, clusters: clusters))
+      let listener = try self.listener(node, clusters: clusters)
+      if listeners.contains(where: { $0.name == listener.name }) {
+        // Envoy keeps the first listener of a name and ignores the rest.
+        self.sink.add(node, "a second listener named '\(listener.name)' is ignored, as Envoy ignores it: give each listener its own name")
+        continue
+      }
+      if listener.address.port != 0, let other = listeners.first(where: { $0.address == listener.address }) {
+        throw node.error("listener '\(listener.name)' wants \(listener.address), which listener '\(other.name)' already has")
+      }
+      listeners.append(listener)
     }
     try resources.finish(known: [], warnings: self.sink)
     return ProxyConfiguration(listeners: listeners, clusters: clusters, admin: admin)
@@ -246,6 +262,13 @@ private struct Reader {
     if let rds = m.optional("rds") {
       throw rds.error("rds (routes from xDS) is not supported: put the routes in route_config")
     }
+    // The per-filter configs in the routes are looked up by the filter's name in the chain.
+    self.scope.corsFilterNames = ["envoy.filters.http.cors", "envoy.cors"]
+    for filter in (try? m.required("http_filters").sequence()) ?? [] {
+      guard let fm = try? filter.mapping(), let name = try? fm.optional("name")?.string() else { continue }
+      let type = (try? filter.extensionConfig(in: fm))?.1 ?? ""
+      if name.contains("cors") || type.contains("filters.http.cors") { self.scope.corsFilterNames.insert(name) }
+    }
     let routeConfig = try self.routeConfiguration(try m.required("route_config"), clusters: clusters)
     var grpcWeb = false
     var cors = false
@@ -264,7 +287,14 @@ private struct Reader {
       } else if filterName == "envoy.filters.http.router" || filterName == "envoy.router" || type_.contains("router") {
         router = true
       } else {
-        self.sink.add(filter, "http filter '\(filterName.isEmpty ? type_ : filterName)' is not supported and is skipped")
+        let shown = filterName.isEmpty ? type_ : filterName
+        let guards = ["ext_authz", "ext_proc", "jwt_authn", "rbac", "oauth2", "basic_auth", "local_ratelimit", "ratelimit", "csrf"]
+        if guards.contains(where: { shown.contains($0) || type_.contains($0) }) {
+          // Requests go through unchecked: say it so that no one mistakes it for protection.
+          self.sink.add(filter, "http filter '\(shown)' is not supported and is skipped: requests are NOT checked or limited by it. Put that check in front of the proxy or in the backend")
+        } else {
+          self.sink.add(filter, "http filter '\(shown)' is not supported and is skipped")
+        }
       }
     }
     if !router {
@@ -398,8 +428,12 @@ private struct Reader {
       guard let value = filters.optional(key) else { continue }
       let body = try value.mapping()
       let type = try body.optional("@type")?.string() ?? ""
-      if key.contains("cors") || type.contains("CorsPolicy") {
+      if self.scope.corsFilterNames.contains(key) {
         policy = try self.corsPolicy(body)
+      } else if key.contains("cors") || type.contains("CorsPolicy") {
+        // Envoy finds a per-filter config by the filter's name; this one reaches no filter.
+        let names = self.scope.corsFilterNames.sorted().map { "'\($0)'" }.joined(separator: " or ")
+        self.sink.add(value, "per-filter config key '\(key)' names no filter of the chain, so this CORS policy is ignored, as Envoy ignores it: write \(names)")
       } else {
         self.sink.add(value, "per-filter config for '\(key)' is not supported and is ignored")
       }
@@ -436,10 +470,12 @@ private struct Reader {
           let im = try item.mapping()
           let name = try known(try im.required("name"))
           let weight = try im.optional("weight")?.int() ?? 0
-          im.accept("metadata_match", "request_headers_to_add", "request_headers_to_remove", "response_headers_to_add",
-            "response_headers_to_remove", "typed_per_filter_config", "host_rewrite_literal")
+          var cluster = Route.WeightedCluster(name: name, weight: max(0, weight))
+          cluster.requestHeaders = try self.headerMutations(im, "request")
+          cluster.responseHeaders = try self.headerMutations(im, "response")
+          im.accept("metadata_match", "typed_per_filter_config", "host_rewrite_literal")
           try im.finish(known: [], warnings: self.sink)
-          list.append(.init(name: name, weight: max(0, weight)))
+          list.append(cluster)
         }
         wm.accept("total_weight", "runtime_key_prefix", "header_name")
         try wm.finish(known: [], warnings: self.sink)
@@ -720,9 +756,14 @@ private struct Reader {
       origins = (origins ?? []) + legacy
     }
     policy.allowOrigins = origins
-    policy.allowMethods = try m.optional("allow_methods")?.string()
-    policy.allowHeaders = try m.optional("allow_headers")?.string()
-    policy.exposeHeaders = try m.optional("expose_headers")?.string()
+    // A folded YAML scalar ends in a line break, which no header value may hold.
+    func headerValue(_ key: String) throws(ConfigError) -> String? {
+      try m.optional(key)?.string().split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }
+        .filter { !$0.isEmpty }.joined(separator: " ")
+    }
+    policy.allowMethods = try headerValue("allow_methods")
+    policy.allowHeaders = try headerValue("allow_headers")
+    policy.exposeHeaders = try headerValue("expose_headers")
     policy.maxAge = try m.optional("max_age")?.string()
     policy.allowCredentials = try m.optional("allow_credentials")?.bool()
     policy.allowPrivateNetworkAccess = try m.optional("allow_private_network_access")?.bool()

@@ -295,6 +295,9 @@ public struct Route: Sendable, Hashable {
   public struct WeightedCluster: Sendable, Hashable {
     public var name: String
     public var weight: Int
+    /// Applied before the route's own, when this cluster is the one drawn.
+    public var requestHeaders = HeaderMutations()
+    public var responseHeaders = HeaderMutations()
     public init(name: String, weight: Int) {
       self.name = name
       self.weight = weight

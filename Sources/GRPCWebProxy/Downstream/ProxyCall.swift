@@ -136,7 +136,10 @@ final class ProxyCall: UpstreamStreamDelegate {
       return
     }
 
-    if self.runtime.listener.corsEnabled {
+    // A direct response has no route entry in Envoy, so its CORS filter leaves it alone.
+    var isDirect = false
+    if case .directResponse = entry.route.action { isDirect = true }
+    if self.runtime.listener.corsEnabled && !isDirect {
       switch CORS.evaluate(policy: entry.cors, method: method, headers: headers) {
       case .none:
         break
@@ -151,7 +154,14 @@ final class ProxyCall: UpstreamStreamDelegate {
 
     if !entry.responseHeaders.isEmpty { self.responseMutations = (entry.responseHeaders, headers) }
     let clusterName: String
+    var clusterMutations: Route.WeightedCluster?
     switch entry.route.action {
+    case .directResponse(let status, let body) where kind.isGRPC && status != 200:
+      // Envoy's grpc_web filter turns the reply into a gRPC status; the body becomes its message.
+      let message = body.map { String(decoding: $0, as: UTF8.self) }
+      self.reject(self.translator.localReply(httpStatus: status, grpcStatus: GRPCProtocol.status(forHTTPStatus: status), message: message),
+        endStream: endStream)
+      return
     case .directResponse(let status, let body):
       self.translator.markFinished()
       var head = HPACKHeaders()
@@ -168,7 +178,12 @@ final class ProxyCall: UpstreamStreamDelegate {
     case .cluster(let name):
       clusterName = name
     case .weightedClusters(let clusters):
-      clusterName = self.runtime.upstreams.pick(clusters)
+      let picked = self.runtime.upstreams.pick(clusters)
+      clusterName = picked.name
+      clusterMutations = picked
+      if !picked.responseHeaders.isEmpty {
+        self.responseMutations = ([picked.responseHeaders] + entry.responseHeaders, headers)
+      }
     case .clusterHeader(let header):
       guard let name = headers.first(name: header), self.runtime.upstreams.has(cluster: name) else {
         // Envoy's cluster_not_found_response_code: 503.
@@ -185,7 +200,18 @@ final class ProxyCall: UpstreamStreamDelegate {
 
     let upstreamPath = entry.upstreamPath(path)
     var upstreamHeaders = RequestTranslator.upstreamHeaders(headers, kind: kind, path: upstreamPath, grpcTimeout: plan.upstreamGRPCTimeout)
-    if let host = entry.route.hostRewrite { upstreamHeaders.replaceOrAdd(name: ":authority", value: host) }
+    if let host = entry.route.hostRewrite {
+      // In place: pseudo-headers must stay ahead of the others (replaceOrAdd would append it).
+      var rewritten = HPACKHeaders()
+      rewritten.reserveCapacity(upstreamHeaders.count)
+      for (name, value, indexable) in upstreamHeaders {
+        rewritten.add(name: name, value: name == ":authority" ? host : value, indexing: indexable)
+      }
+      upstreamHeaders = rewritten
+    }
+    if let cluster = clusterMutations, !cluster.requestHeaders.isEmpty {
+      cluster.requestHeaders.apply(to: &upstreamHeaders, request: headers)
+    }
     if !entry.requestHeaders.isEmpty { HeaderMutations.apply(entry.requestHeaders, to: &upstreamHeaders, request: headers) }
     var requestText = false
     if case .grpcWeb(let text, _) = kind { requestText = text }

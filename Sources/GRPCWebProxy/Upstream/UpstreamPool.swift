@@ -136,15 +136,15 @@ final class LoopUpstreams {
   }
 
   /// `weighted_clusters`: one cluster, drawn in proportion to the weights.
-  func pick(_ clusters: [Route.WeightedCluster]) -> String {
+  func pick(_ clusters: [Route.WeightedCluster]) -> Route.WeightedCluster {
     let total = clusters.reduce(0) { $0 + $1.weight }
-    guard total > 0 else { return clusters[0].name }
+    guard total > 0 else { return clusters[0] }
     var draw = Int(self.random.next() % UInt64(total))
     for cluster in clusters {
-      if draw < cluster.weight { return cluster.name }
+      if draw < cluster.weight { return cluster }
       draw -= cluster.weight
     }
-    return clusters[clusters.count - 1].name
+    return clusters[clusters.count - 1]
   }
 
   /// A call the server never processed is about to be sent again: allowed while the cluster has
