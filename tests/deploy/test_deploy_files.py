@@ -19,13 +19,14 @@ import http.client
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
+from processes import free_port, wait_for_port  # noqa: E402
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed: python3 -m pip install pyyaml")
 
@@ -306,23 +307,6 @@ def test_kubernetes_proxy_config_passes_envoy_validate(k8s_proxy_config_file, tm
     validate_with_envoy(k8s_proxy_config_file, tmp_path)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port, proc, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {port}")
 
 
 @needs_proxy

@@ -1,42 +1,21 @@
 """Processes for the integration tests: User service replicas and the proxy, on loopback."""
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
 import envoy_yaml  # noqa: E402
+from processes import free_port, wait_for_port, wait_until  # noqa: E402,F401  (the tests import them from here)
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("BIN_DIR", ROOT / ".build" / "debug"))
 PROXY_BIN = Path(os.environ.get("PROXY_BIN", BIN / "grpc-web-proxy"))
 USER_SERVICE_BIN = Path(os.environ.get("USER_SERVICE_BIN", BIN / "user-service"))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port, proc, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            raise RuntimeError(f"process exited with {proc.returncode}: {out}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {port} after {timeout}s")
 
 
 class Replica:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, USER_SERVICE_BIN, free_port, start_proxy, wait_for_port
+from conftest import ROOT, USER_SERVICE_BIN, free_port, start_proxy, wait_for_port, wait_until
 from grpcweb import HTTP1, HTTP2, Reply, echo_req, frame, grpc_web_body, grpc_web_headers, login_req, pb_decode
 
 import envoy_yaml
@@ -146,13 +146,6 @@ def admin(admin_port, path):
         return r.read().decode()
 
 
-def wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

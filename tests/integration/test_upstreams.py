@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from conftest import Replica, free_port, start_proxy
+from conftest import Replica, free_port, start_proxy, wait_until
 from grpcweb import HTTP2, login_req, pb_decode
 
 import envoy_yaml
@@ -43,13 +43,6 @@ def admin_text(admin, path):
         return e.code, e.read().decode()
 
 
-def wait_until(predicate, timeout=5.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def logins(port, n):
