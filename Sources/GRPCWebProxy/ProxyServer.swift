@@ -64,25 +64,30 @@ public final class ProxyServer: Service {
   private struct LoopState {
     let upstreams: LoopUpstreams
     let connections: LoopConnections
-    let listeners: [ListenerRuntime]
+    /// Per listener, one runtime per filter chain.
+    let listeners: [[ListenerRuntime]]
   }
 
   public func run() async throws {
     let config = self.configuration
     let logger = self.logger
     var registry: [ObjectIdentifier: NIOLoopBound<LoopState>] = [:]
-    let routeTables = config.listeners.map { RouteTable($0.routeConfig) }
+    let routeTables = config.listeners.map { ([$0] + $0.otherChains).map { RouteTable($0.routeConfig) } }
+    let tls = try TLSRuntime(configuration: config, status: self.status, logger: logger)
     let directory = UpstreamDirectory(clusters: config.clusters, status: self.status, logger: logger)
     let events = directory.events
     let counters = directory.counters
     for loop in self.group.makeIterator() {
       let state = try await loop.submit {
-        let upstreams = LoopUpstreams(eventLoop: loop, clusters: config.clusters, logger: logger, events: events, counters: counters)
+        let upstreams = LoopUpstreams(eventLoop: loop, clusters: config.clusters, logger: logger, events: events, counters: counters,
+          tls: tls.upstream)
         directory.register(NIOLoopBound(upstreams, eventLoop: loop))
         let connections = LoopConnections()
-        let listeners = zip(config.listeners, routeTables).map {
-          ListenerRuntime(listener: $0, routes: $1, upstreams: upstreams, connections: connections, logger: logger,
-            maxTextFrameSize: Self.defaultMaxTextFrameSize)
+        let listeners = zip(config.listeners, routeTables).map { listener, tables in
+          zip([listener] + listener.otherChains, tables).map {
+            ListenerRuntime(listener: $0, routes: $1, upstreams: upstreams, connections: connections, logger: logger,
+              maxTextFrameSize: Self.defaultMaxTextFrameSize)
+          }
         }
         return NIOLoopBound(LoopState(upstreams: upstreams, connections: connections, listeners: listeners), eventLoop: loop)
       }.get()
@@ -106,11 +111,11 @@ public final class ProxyServer: Service {
     var bound: [BoundListener] = []
     do {
       for (index, listener) in config.listeners.enumerated() {
-        let channel = try await self.bind(listener, index: index, loops: loops)
+        let channel = try await self.bind(listener, index: index, loops: loops, tls: tls.listeners[index])
         channels.append(channel)
         let port = channel.localAddress?.port ?? listener.address.port
         bound.append(BoundListener(name: listener.name, host: listener.address.host, port: port))
-        logger.info("listener '\(listener.name)' on \(listener.address.host):\(port) (\(listener.codec.rawValue.lowercased()))")
+        logger.info("listener '\(listener.name)' on \(listener.address.host):\(port) (\(listener.codec.rawValue.lowercased())\(listener.tls == nil ? "" : ", TLS"))")
       }
       if let address = config.admin?.address {
         let channel = try await self.bindAdmin(address)
@@ -134,12 +139,15 @@ public final class ProxyServer: Service {
       }
       for cluster in config.clusters {
         guard let check = cluster.healthCheck, let membership = directory.memberships[cluster.name] else { continue }
-        let checker = HealthChecker(cluster: cluster, check: check, eventLoop: firstLoop, logger: logger)
+        let checker = HealthChecker(cluster: cluster, check: check, eventLoop: firstLoop, logger: logger, tls: tls.upstream[cluster.name])
         group.addTask {
           await checker.run(endpoints: { membership.snapshot.all }) { endpoint, passed, detail in
             directory.healthCheck(endpoint, cluster: cluster.name, passed: passed, detail: detail)
           }
         }
+      }
+      if !tls.contexts.isEmpty {
+        group.addTask { await tls.watchFiles() }
       }
       group.addTask {
         // Endpoints set aside after a refused connection or an ejection come back on time.
@@ -252,7 +260,9 @@ public final class ProxyServer: Service {
     }
   }
 
-  private func bind(_ listener: Listener, index: Int, loops: [ObjectIdentifier: NIOLoopBound<LoopState>]) async throws -> any Channel {
+  private func bind(
+    _ listener: Listener, index: Int, loops: [ObjectIdentifier: NIOLoopBound<LoopState>], tls: TLSListener?
+  ) async throws -> any Channel {
     let codec = listener.codec
     let bootstrap = ServerBootstrap(group: self.group)
       .serverChannelOption(.backlog, value: 1024)
@@ -264,7 +274,17 @@ public final class ProxyServer: Service {
           guard let state = loops[ObjectIdentifier(channel.eventLoop)] else {
             throw ProxyError(message: "connection on an unknown event loop")
           }
-          let runtime = state.value.listeners[index]
+          let runtimes = state.value.listeners[index]
+          if let tls {
+            try DownstreamTLSPipeline.configure(channel, listener: tls, codec: { runtimes[$0].listener.codec }) { context, chain, proto in
+              switch proto {
+              case .http1: try Self.configureHTTP1(context.pipeline.syncOperations, runtime: runtimes[chain])
+              case .http2: try Self.configureHTTP2(context.pipeline.syncOperations, runtime: runtimes[chain])
+              }
+            }
+            return
+          }
+          let runtime = runtimes[0]
           switch codec {
           case .http1:
             try Self.configureHTTP1(channel.pipeline.syncOperations, runtime: runtime)

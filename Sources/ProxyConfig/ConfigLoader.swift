@@ -64,7 +64,7 @@ public enum ConfigLoader {
 
   /// The text with the block of `key` that starts on `line` (1-based) blanked out, keeping the
   /// line count so later lines keep their numbers; nil when the layout is not a plain block.
-  static func droppingBlock(key: String, line: Int, in text: String) -> String? {
+  public static func droppingBlock(key: String, line: Int, in text: String) -> String? {
     var lines = text.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
     let index = line - 1
     guard lines.indices.contains(index) else { return nil }
@@ -106,7 +106,7 @@ public enum ConfigLoader {
 
 /// Walks the YAML tree. Each function reads one Envoy message and says, through `finish`, which
 /// of its fields were not understood.
-private struct Reader {
+struct Reader {
   let sink: WarningSink
   let directory: String?
   /// What the connection manager being read says that its routes need to know.
@@ -199,17 +199,25 @@ private struct Reader {
     let name = try m.optional("name")?.string() ?? node.path
     let address = try self.address(try m.required("address"))
     let chains = try m.required("filter_chains").sequence()
-    guard let firstChain = chains.first else {
+    guard !chains.isEmpty else {
       throw ConfigError(path: m.child("filter_chains"), line: node.line, message: "a listener needs at least one filter chain")
     }
-    if chains.count > 1 {
-      self.sink.add(chains[1], "only the first filter chain is used; choosing chains by SNI comes with TLS support")
+    var read: [Listener] = []
+    for chainNode in chains {
+      read.append(try self.filterChain(chainNode, name: name, address: address, clusters: clusters))
     }
-    let chain = try firstChain.mapping()
-    for key in ["transport_socket", "tls_context"] {
-      chain.unsupported(key, "TLS is not supported yet: this listener serves plaintext HTTP", into: self.sink)
-    }
-    chain.unsupported("filter_chain_match", "filter chain matching is not supported yet and is ignored", into: self.sink)
+    try self.checkChains(read, nodes: chains)
+    var listener = read[0]
+    listener.otherChains = Array(read.dropFirst())
+    m.accept("per_connection_buffer_limit_bytes", "traffic_direction", "stat_prefix")
+    try self.listenerFilters(m)
+    try m.finish(known: [], warnings: self.sink)
+    return listener
+  }
+
+  /// One filter chain: its match, its transport socket and its http_connection_manager.
+  func filterChain(_ node: YAMLValue, name: String, address: HostAndPort, clusters: [Cluster]) throws(ConfigError) -> Listener {
+    let chain = try node.mapping()
     let filtersNode = try chain.required("filters")
     var filters: [YAMLValue]
     if case .mapping = filtersNode.node {
@@ -237,13 +245,12 @@ private struct Reader {
       }
       hcm = try self.httpConnectionManager(body, name: name, address: address, clusters: clusters)
     }
-    guard let listener = hcm else {
+    guard var listener = hcm else {
       throw filtersNode.error("no http_connection_manager filter in this filter chain: nothing to serve")
     }
+    listener.serverNames = try self.filterChainMatch(chain)
+    listener.tls = try self.downstreamTLS(chain)
     try chain.finish(known: ["name"], warnings: self.sink)
-    m.accept("per_connection_buffer_limit_bytes", "traffic_direction", "stat_prefix")
-    m.unsupported("listener_filters", "listener filters are not supported yet and are ignored", into: self.sink)
-    try m.finish(known: [], warnings: self.sink)
     return listener
   }
 
@@ -869,9 +876,7 @@ private struct Reader {
     if endpoints.isEmpty {
       self.sink.add(node, "cluster '\(name)' has no endpoints: its calls get 503 'no healthy upstream'")
     }
-    for key in ["transport_socket", "tls_context"] {
-      m.unsupported(key, "TLS to upstreams is not supported yet: cluster '\(name)' is reached in plaintext", into: self.sink)
-    }
+    let tls = try self.upstreamTLS(m)
     let healthCheck = try self.healthChecks(m, cluster: name)
     let outlier = try m.optional("outlier_detection").map { v throws(ConfigError) in try self.outlierDetection(v) }
     let breakers = try m.optional("circuit_breakers").map { v throws(ConfigError) in try self.circuitBreakers(v) }
@@ -907,6 +912,7 @@ private struct Reader {
     cluster.dnsFailureRefreshRate = failureRefresh
     cluster.dnsResolvers = resolvers
     if let keepalive { cluster.keepalive = keepalive }
+    cluster.tls = tls
     return cluster
   }
 

@@ -91,6 +91,14 @@ public struct Listener: Sendable, Hashable {
   public var grpcWebEnabled: Bool
   /// Whether the chain holds a cors filter; without one, `cors` policies have no effect.
   public var corsEnabled: Bool
+  /// TLS of this filter chain (a `DownstreamTlsContext` transport socket); nil is plaintext.
+  public var tls: DownstreamTLS? = nil
+  /// The chain's `filter_chain_match.server_names`: the TLS server names (SNI) it serves, exact
+  /// or `*.suffix`; empty serves any name no other chain claims.
+  public var serverNames: [String] = []
+  /// The listener's other filter chains, each with its own names, TLS and HTTP settings (their
+  /// name and address are the listener's).
+  public var otherChains: [Listener] = []
 
   public init(
     name: String,
@@ -486,6 +494,8 @@ public struct Cluster: Sendable, Hashable {
   public var healthCheck: HealthCheck?
   public var outlierDetection: OutlierDetection?
   public var circuitBreakers = CircuitBreakers()
+  /// TLS to the endpoints (a `UpstreamTlsContext` transport socket); nil is plaintext.
+  public var tls: UpstreamTLS?
 
   /// Envoy's `health_checks` entry with `grpc_health_check` (the grpc.health.v1 protocol).
   public struct HealthCheck: Sendable, Hashable {

@@ -1,8 +1,8 @@
 import GRPCCore
 import GRPCNIOTransportHTTP2
 
-/// The example backend: `demo.User`, `demo.Echo` and `grpc.health.v1` on one plaintext HTTP/2
-/// port.
+/// The example backend: `demo.User`, `demo.Echo` and `grpc.health.v1` on one HTTP/2 port,
+/// plaintext or TLS.
 public final class BackendServer: Sendable {
   public let health = HealthState()
   private let server: GRPCServer<HTTP2ServerTransport.Posix>
@@ -10,13 +10,28 @@ public final class BackendServer: Sendable {
 
   /// - Parameter maxConcurrentStreams: the HTTP/2 limit the server announces (nil: the
   ///   transport's default), to try clients' handling of it.
+  /// TLS for the port: PEM files; with `clientCA`, clients must show a certificate it signed.
+  public struct TLSFiles: Sendable {
+    public var certificateChain: String
+    public var privateKey: String
+    public var clientCA: String?
+
+    public init(certificateChain: String, privateKey: String, clientCA: String? = nil) {
+      self.certificateChain = certificateChain
+      self.privateKey = privateKey
+      self.clientCA = clientCA
+    }
+  }
+
   /// - Parameter unixSocket: listen on this unix socket path instead of `host:port`.
-  public init(host: String, port: Int, replica: String?, maxConcurrentStreams: Int? = nil, unixSocket: String? = nil) {
+  public init(
+    host: String, port: Int, replica: String?, maxConcurrentStreams: Int? = nil, tls: TLSFiles? = nil, unixSocket: String? = nil
+  ) {
     var config = HTTP2ServerTransport.Posix.Config.defaults
     if let maxConcurrentStreams { config.http2.maxConcurrentStreams = maxConcurrentStreams }
     self.transport = HTTP2ServerTransport.Posix(
       address: unixSocket.map { .unixDomainSocket(path: $0) } ?? .ipv4(host: host, port: port),
-      transportSecurity: .plaintext,
+      transportSecurity: Self.transportSecurity(tls),
       config: config
     )
     let name = replica ?? "\(host):\(port)"
@@ -24,6 +39,19 @@ public final class BackendServer: Sendable {
       transport: self.transport,
       services: [UserService(replica: name), EchoService(replica: name), HealthService(health: self.health)]
     )
+  }
+
+  private static func transportSecurity(_ tls: TLSFiles?) -> HTTP2ServerTransport.Posix.TransportSecurity {
+    guard let tls else { return .plaintext }
+    return .tls(
+      certificateChain: [.file(path: tls.certificateChain, format: .pem)],
+      privateKey: .file(path: tls.privateKey, format: .pem)
+    ) { config in
+      if let ca = tls.clientCA {
+        config.clientCertificateVerification = .noHostnameVerification
+        config.trustRoots = .certificates([.file(path: ca, format: .pem)])
+      }
+    }
   }
 
   /// Serves until shut down or cancelled. `onListening` gets the bound port (useful with port 0).

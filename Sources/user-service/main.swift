@@ -7,7 +7,7 @@ import UserService
 struct UserServiceCommand: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "user-service",
-    abstract: "The demo.User gRPC service (login, logout), the demo.Echo test service and grpc.health.v1, on plaintext HTTP/2.",
+    abstract: "The demo.User gRPC service (login, logout), the demo.Echo test service and grpc.health.v1, on HTTP/2, plaintext or TLS.",
     discussion: """
       Signals: SIGTERM or SIGINT reports NOT_SERVING, lets running calls finish and exits; SIGUSR1 \
       reports NOT_SERVING and SIGUSR2 SERVING again (to try health checking by hand).
@@ -28,6 +28,15 @@ struct UserServiceCommand: AsyncParsableCommand {
 
   @Option(name: .long, help: "The HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS to announce (default: the transport's).")
   var maxConcurrentStreams: Int?
+
+  @Option(name: .long, help: "Serve TLS with this PEM certificate chain (with --tls-key); plaintext without it.")
+  var tlsCert: String?
+
+  @Option(name: .long, help: "The PEM private key of --tls-cert.")
+  var tlsKey: String?
+
+  @Option(name: .long, help: "With --tls-cert: require client certificates signed by this PEM CA (mutual TLS).")
+  var tlsCa: String?
 
   @Option(name: .long, help: "Do not serve: run a grpc.health.v1 Check against HOST:PORT and exit 0 if it is SERVING (a container health check).")
   var probe: String?
@@ -52,8 +61,14 @@ struct UserServiceCommand: AsyncParsableCommand {
 
     let replica = self.replica ?? ProcessInfo.processInfo.environment["REPLICA"]
       ?? "\(ProcessInfo.processInfo.hostName):\(self.port)"
+    var tls: BackendServer.TLSFiles?
+    switch (self.tlsCert, self.tlsKey) {
+    case (let cert?, let key?): tls = .init(certificateChain: cert, privateKey: key, clientCA: self.tlsCa)
+    case (nil, nil): if self.tlsCa != nil { throw ValidationError("--tls-ca needs --tls-cert and --tls-key") }
+    default: throw ValidationError("--tls-cert and --tls-key go together")
+    }
     let server = BackendServer(host: self.host, port: self.port, replica: replica, maxConcurrentStreams: self.maxConcurrentStreams,
-      unixSocket: self.unixSocket)
+      tls: tls, unixSocket: self.unixSocket)
     let sources = Self.onSignals([SIGTERM, SIGINT]) { server.beginGracefulShutdown() }
       + Self.onSignals([SIGUSR1]) { server.health.set(serving: false) }
       + Self.onSignals([SIGUSR2]) { server.health.set(serving: true) }

@@ -9,6 +9,7 @@ import ProxyConfig
 /// kept between checks, as Envoy's is.
 final class HealthChecker: Sendable {
   private let cluster: Cluster
+  private let tls: UpstreamTLSClient?
   private let check: Cluster.HealthCheck
   private let eventLoop: any EventLoop
   private let logger: Logger
@@ -19,7 +20,8 @@ final class HealthChecker: Sendable {
     var byEndpoint: [HostAndPort: UpstreamConnection] = [:]
   }
 
-  init(cluster: Cluster, check: Cluster.HealthCheck, eventLoop: any EventLoop, logger: Logger) {
+  init(cluster: Cluster, check: Cluster.HealthCheck, eventLoop: any EventLoop, logger: Logger, tls: UpstreamTLSClient? = nil) {
+    self.tls = tls
     self.cluster = cluster
     self.check = check
     self.eventLoop = eventLoop
@@ -84,7 +86,7 @@ final class HealthChecker: Sendable {
       connection = existing
     } else {
       connection = UpstreamConnection(
-        endpoint: endpoint, eventLoop: self.eventLoop, connectTimeout: self.check.timeout, logger: self.logger
+        endpoint: endpoint, eventLoop: self.eventLoop, connectTimeout: self.check.timeout, logger: self.logger, tls: self.tls
       ) { closed in
         if connections.byEndpoint[endpoint] === closed { connections.byEndpoint[endpoint] = nil }
       }

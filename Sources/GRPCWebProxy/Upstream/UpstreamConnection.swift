@@ -3,6 +3,7 @@ import NIOCore
 import NIOHPACK
 import NIOHTTP2
 import NIOPosix
+import NIOTLS
 import ProxyConfig
 
 /// What a call hears from its upstream stream.
@@ -77,6 +78,7 @@ final class UpstreamConnection {
   let endpoint: HostAndPort
   private let eventLoop: any EventLoop
   private let connectTimeout: ProxyDuration
+  private let tls: UpstreamTLSClient?
   private let logger: Logger
   private let onClose: (UpstreamConnection) -> Void
   private let onConnected: () -> Void
@@ -98,12 +100,14 @@ final class UpstreamConnection {
     connectTimeout: ProxyDuration,
     logger: Logger,
     keepalive: (interval: ProxyDuration, timeout: ProxyDuration)? = nil,
+    tls: UpstreamTLSClient? = nil,
     onConnected: @escaping () -> Void = {},
     onClose: @escaping (UpstreamConnection) -> Void
   ) {
     self.endpoint = endpoint
     self.eventLoop = eventLoop
     self.connectTimeout = connectTimeout
+    self.tls = tls
     self.logger = logger
     self.keepalive = keepalive.map {
       (.nanoseconds(max($0.interval.nanoseconds, 10_000_000)), .nanoseconds(max($0.timeout.nanoseconds, 10_000_000)))
@@ -182,6 +186,7 @@ final class UpstreamConnection {
     }
     let timeout = TimeAmount.nanoseconds(max(self.connectTimeout.nanoseconds, 1_000_000))
     let bound = NIOLoopBound(self, eventLoop: self.eventLoop)
+    let tls = self.tls
     var bootstrap = ClientBootstrap(group: self.eventLoop).connectTimeout(timeout)
     if self.endpoint.unixSocketPath == nil {
       bootstrap = bootstrap.channelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -200,8 +205,11 @@ final class UpstreamConnection {
           // on the way. NIOHTTP2 ignores frames for streams it remembers resetting and treats
           // the rest as a protocol error that kills the connection: remember them all.
           configuration.maximumRecentlyResetStreams = UpstreamConnection.maxRememberedResets
+          if let tls {
+            try tls.addHandlers(to: channel.pipeline.syncOperations, connection: bound.value)
+          }
           try channel.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, connectionConfiguration: configuration))
-          try channel.pipeline.syncOperations.addHandler(UpstreamFrameHandler(connection: bound.value))
+          try channel.pipeline.syncOperations.addHandler(UpstreamFrameHandler(connection: bound.value, awaitsTLS: tls != nil))
         }
       }
       .connect(to: address)
@@ -230,7 +238,7 @@ final class UpstreamConnection {
     self.scheduleFlush()
   }
 
-  private func connectFailed(reason: String) {
+  func connectFailed(reason: String) {
     guard case .connecting(let waiters) = self.state else { return }
     self.logger.info("upstream connect failed", metadata: ["endpoint": "\(self.endpoint)", "reason": "\(reason)"])
     self.state = .closed
@@ -454,13 +462,16 @@ final class UpstreamFrameHandler: ChannelInboundHandler {
   typealias OutboundOut = HTTP2Frame
 
   private let connection: UpstreamConnection
+  /// Over TLS the connection is usable once the handshake is done, not when TCP connects.
+  private let awaitsTLS: Bool
 
-  init(connection: UpstreamConnection) {
+  init(connection: UpstreamConnection, awaitsTLS: Bool = false) {
     self.connection = connection
+    self.awaitsTLS = awaitsTLS
   }
 
   func channelActive(context: ChannelHandlerContext) {
-    self.connection.connected(context)
+    if !self.awaitsTLS { self.connection.connected(context) }
     context.fireChannelActive()
   }
 
@@ -469,7 +480,9 @@ final class UpstreamFrameHandler: ChannelInboundHandler {
   }
 
   func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-    if let closed = event as? StreamClosedEvent {
+    if self.awaitsTLS, case .handshakeCompleted = event as? TLSUserEvent {
+      self.connection.connected(context)
+    } else if let closed = event as? StreamClosedEvent {
       self.connection.streamClosed(closed)
     } else if let window = event as? NIOHTTP2WindowUpdatedEvent, window.streamID == .rootStream, let inbound = window.inboundWindowSize {
       self.connection.connectionWindowChanged(inbound: inbound)

@@ -67,6 +67,8 @@ final class LoopUpstreams {
     var next = 0
     /// Per endpoint: one connection, more when the server's concurrent stream limit is reached.
     var connections: [HostAndPort: [UpstreamConnection]] = [:]
+    /// TLS to the endpoints, when the cluster has a transport socket.
+    var tls: UpstreamTLSClient?
     /// Outlier detection as this loop sees it: consecutive failures per endpoint.
     var failures: [HostAndPort: (serverErrors: Int, gatewayFailures: Int)] = [:]
 
@@ -78,13 +80,15 @@ final class LoopUpstreams {
 
   init(
     eventLoop: any EventLoop, clusters: [Cluster], logger: Logger, events: UpstreamEvents = .init(),
-    counters: [String: ClusterCounters] = [:]
+    counters: [String: ClusterCounters] = [:], tls: [String: UpstreamTLSClient] = [:]
   ) {
     self.eventLoop = eventLoop
     self.logger = logger
     self.events = events
     for cluster in clusters {
-      self.clusters[cluster.name] = ClusterState(config: cluster, counters: counters[cluster.name] ?? ClusterCounters())
+      let state = ClusterState(config: cluster, counters: counters[cluster.name] ?? ClusterCounters())
+      state.tls = tls[cluster.name]
+      self.clusters[cluster.name] = state
     }
   }
 
@@ -274,6 +278,7 @@ final class LoopUpstreams {
       connectTimeout: state.config.connectTimeout,
       logger: self.logger,
       keepalive: state.config.keepalive,
+      tls: state.tls,
       onConnected: { events.connected(cluster, endpoint) }
     ) { [weak state] closed in
       counters.connections.subtract(1, ordering: .relaxed)
