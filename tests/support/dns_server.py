@@ -64,9 +64,17 @@ class TestDNS:
         self._counts = {}
         resolver = _Resolver(self)
         # UDP first to learn the port, then TCP on the same number (TC answers send clients there).
-        self._udp = DNSServer(resolver, address=host, port=port, logger=_QuietLogger())
-        self.port = self._udp.server.server_address[1]
-        self._tcp = DNSServer(resolver, address=host, port=self.port, tcp=True, logger=_QuietLogger())
+        # The UDP port the system picks may be taken for TCP: then try another.
+        for attempt in range(20):
+            self._udp = DNSServer(resolver, address=host, port=port, logger=_QuietLogger())
+            self.port = self._udp.server.server_address[1]
+            try:
+                self._tcp = DNSServer(resolver, address=host, port=self.port, tcp=True, logger=_QuietLogger())
+                break
+            except OSError:
+                self._udp.server.server_close()
+                if port or attempt == 19:
+                    raise
         self._udp.start_thread()
         self._tcp.start_thread()
 
