@@ -226,23 +226,39 @@ final class HTTP2DownstreamStream: DownstreamStream {
     headers.reserveCapacity(head.headers.count + 1)
     headers.add(name: ":status", value: String(head.status))
     headers.add(contentsOf: head.headers)
-    self.connection.write(HTTP2Frame(streamID: self.id, payload: .headers(.init(headers: headers, endStream: endStream))))
-    if endStream { self.ended() }
+    self.write(HTTP2Frame(streamID: self.id, payload: .headers(.init(headers: headers, endStream: endStream))), last: endStream)
   }
 
   func write(body: ByteBuffer, endStream: Bool) {
-    let frame = HTTP2Frame(streamID: self.id, payload: .data(.init(data: .byteBuffer(body), endStream: endStream)))
-    guard endStream, !self.requestEnded, let loop = self.connection.eventLoop else {
+    self.write(HTTP2Frame(streamID: self.id, payload: .data(.init(data: .byteBuffer(body), endStream: endStream))), last: endStream)
+  }
+
+  func writeEnd(trailers: HPACKHeaders?) {
+    if let trailers, !trailers.isEmpty {
+      self.write(HTTP2Frame(streamID: self.id, payload: .headers(.init(headers: trailers, endStream: true))), last: true)
+    } else {
+      // An empty DATA frame, never an empty HEADERS frame: the latter broke Safari and IE (E16).
+      self.write(HTTP2Frame(streamID: self.id, payload: .data(.init(data: .byteBuffer(ByteBuffer()), endStream: true))), last: true)
+    }
+  }
+
+  /// Writes a frame of the response. After the last one, if the client is still sending, the
+  /// stream is reset with NO_ERROR (RFC 9113 section 8.1) so that it stops, but only once that
+  /// frame is out: NIOHTTP2 drops what a stream still holds back for flow control when it is reset.
+  private func write(_ frame: HTTP2Frame, last: Bool) {
+    guard last else {
       self.connection.write(frame)
-      if endStream { self.ended() }
       return
     }
-    // The response ends before the request: the RST_STREAM that tells the client to stop sending
-    // must follow the DATA out, or NIOHTTP2 drops the DATA still waiting for flow control.
+    self.call = nil
+    self.connection.finished(self.id)
+    guard !self.requestEnded, let loop = self.connection.eventLoop else {
+      self.connection.write(frame)
+      return
+    }
+    self.requestEnded = true
     let written = loop.makePromise(of: Void.self)
     self.connection.write(frame, promise: written)
-    self.requestEnded = true
-    self.ended()
     let id = self.id
     let connection = self.connection
     written.futureResult.assumeIsolated().whenSuccess {
@@ -251,20 +267,10 @@ final class HTTP2DownstreamStream: DownstreamStream {
     }
   }
 
-  func writeEnd(trailers: HPACKHeaders?) {
-    if let trailers, !trailers.isEmpty {
-      self.connection.write(HTTP2Frame(streamID: self.id, payload: .headers(.init(headers: trailers, endStream: true))))
-    } else {
-      // An empty DATA frame, never an empty HEADERS frame: the latter broke Safari and IE (E16).
-      self.connection.write(HTTP2Frame(streamID: self.id, payload: .data(.init(data: .byteBuffer(ByteBuffer()), endStream: true))))
-    }
-    self.ended()
-  }
-
   func abort() {
     self.connection.write(HTTP2Frame(streamID: self.id, payload: .rstStream(.cancel)))
-    self.requestEnded = true
-    self.ended()
+    self.call = nil
+    self.connection.finished(self.id)
     self.connection.scheduleFlush()
   }
 
@@ -273,14 +279,4 @@ final class HTTP2DownstreamStream: DownstreamStream {
   }
 
   var isWritable: Bool { self.connection.isWritable }
-
-  private func ended() {
-    self.call = nil
-    self.connection.finished(self.id)
-    if !self.requestEnded {
-      // The response is complete but the client is still sending: tell it to stop (RFC 9113
-      // section 8.1), or its stream would wait on window that no one gives back.
-      self.connection.write(HTTP2Frame(streamID: self.id, payload: .rstStream(.noError)))
-    }
-  }
 }

@@ -98,7 +98,7 @@ final class ProxyCall: UpstreamStreamDelegate {
   /// `idle_timeout` / `stream_idle_timeout`: the last time bytes moved, checked by a timer
   /// rather than a timer rescheduled per frame.
   private var idleTimeout: TimeAmount?
-  private var lastActivity = NIODeadline.now()
+  private var lastActivity = NIODeadline.uptimeNanoseconds(0)
   private var idleTask: Scheduled<Void>?
   static let replayableBytes = 64 * 1024
   static let maxReplays = 3
@@ -222,6 +222,7 @@ final class ProxyCall: UpstreamStreamDelegate {
     self.clusterName = clusterName
     if let idle = entry.route.timeouts.idleTimeout ?? self.runtime.listener.streamIdleTimeout, !idle.isZero {
       self.idleTimeout = .nanoseconds(idle.nanoseconds)
+      self.lastActivity = .now()
       self.scheduleIdleCheck(in: .nanoseconds(idle.nanoseconds))
     }
     if let policy = entry.route.retryPolicy {
