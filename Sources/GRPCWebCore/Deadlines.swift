@@ -25,16 +25,21 @@ public struct DeadlinePlan: Sendable, Hashable {
     // The newer settings: `max_stream_duration` on the route.
     if timeouts.maxStreamDuration != nil || timeouts.grpcTimeoutHeaderMax != nil {
       var deadline: Int64?
+      var upstream: String?
       if let max = timeouts.grpcTimeoutHeaderMax, let header = headerMillis {
         var value = header
         let maxMillis = max.milliseconds
         if maxMillis > 0 && (value == 0 || value > maxMillis) { value = maxMillis }
         if let offset = timeouts.grpcTimeoutHeaderOffset?.milliseconds, offset < value { value -= offset }
         deadline = value > 0 ? value : nil
+        // The backend is told the deadline the proxy keeps, as Envoy does (a client's `10S`
+        // capped at 0.4 s with a 0.1 s offset goes upstream as `300m`): otherwise it works on
+        // long after the proxy has given up on the call.
+        if value > 0 { upstream = GRPCProtocol.formatTimeout(milliseconds: value) }
       } else if let msd = timeouts.maxStreamDuration, !msd.isZero {
         deadline = msd.milliseconds
       }
-      return DeadlinePlan(milliseconds: deadline, start: .requestStart, upstreamGRPCTimeout: nil,
+      return DeadlinePlan(milliseconds: deadline, start: .requestStart, upstreamGRPCTimeout: upstream,
         timeoutMessage: "downstream duration timeout", timeoutHTTPStatus: 504)
     }
 

@@ -6,11 +6,16 @@ public enum RequestTranslator {
   ///   - headers: the downstream request's headers, with `:method`, `:path`, `:authority` and
   ///     `:scheme` pseudo-headers (HTTP/1.1 requests are given them by the caller).
   ///   - path: the path to send upstream (after any prefix rewrite).
+  ///   - forwardedProto: `https` when the client's connection is TLS, else `http`: the
+  ///     `x-forwarded-proto` the backend hears. As Envoy with no trusted hops
+  ///     (`xff_num_trusted_hops: 0`), a client's own value is replaced, not believed, and the
+  ///     request's `:scheme` (which an HTTP/2 client may set to anything) does not count.
   public static func upstreamHeaders(
     _ headers: HPACKHeaders,
     kind: CallKind,
     path: String,
-    grpcTimeout: String?
+    grpcTimeout: String?,
+    forwardedProto: String = "http"
   ) -> HPACKHeaders {
     var out = HPACKHeaders()
     out.reserveCapacity(headers.count + 3)
@@ -20,7 +25,6 @@ public enum RequestTranslator {
     out.add(name: ":authority", value: headers.first(name: ":authority") ?? "")
     let grpcWeb = kind.isGRPCWeb
     var sawAcceptEncoding = false
-    var sawForwardedProto = false
     for (name, value, indexing) in headers {
       if name.hasPrefix(":") { continue }
       switch name {
@@ -40,7 +44,7 @@ public enum RequestTranslator {
       case "grpc-accept-encoding":
         sawAcceptEncoding = true
       case "x-forwarded-proto":
-        sawForwardedProto = true
+        continue
       default:
         break
       }
@@ -52,7 +56,7 @@ public enum RequestTranslator {
     }
     if kind.isGRPC { out.add(name: "te", value: "trailers") }
     if let grpcTimeout { out.add(name: "grpc-timeout", value: grpcTimeout) }
-    if !sawForwardedProto { out.add(name: "x-forwarded-proto", value: headers.first(name: ":scheme") ?? "http") }
+    out.add(name: "x-forwarded-proto", value: forwardedProto)
     return out
   }
 }

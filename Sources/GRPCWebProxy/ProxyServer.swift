@@ -227,8 +227,8 @@ public final class ProxyServer: Service {
         failures = 0
         emptyAnswers = 0
         wait = cluster.respectDNSTTL ? max(ttl ?? refresh, .milliseconds(100)) : refresh
-        if endpoints != last {
-          logger.info("cluster '\(cluster.name)': endpoints now \(endpoints.map(\.description).joined(separator: ", "))")
+        if let change = EndpointSetChange(from: last, to: endpoints) {
+          logger.info("cluster '\(cluster.name)': \(change)")
           last = endpoints
           directory.discovered(endpoints, cluster: cluster.name)
         }
@@ -267,7 +267,7 @@ public final class ProxyServer: Service {
     let bootstrap = ServerBootstrap(group: self.group)
       .serverChannelOption(.backlog, value: 1024)
       .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-      .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+      .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
       .childChannelOption(.maxMessagesPerRead, value: 16)
       .childChannelInitializer { channel in
         channel.eventLoop.makeCompletedFuture {
@@ -278,8 +278,8 @@ public final class ProxyServer: Service {
           if let tls {
             try DownstreamTLSPipeline.configure(channel, listener: tls, codec: { runtimes[$0].listener.codec }) { context, chain, proto in
               switch proto {
-              case .http1: try Self.configureHTTP1(context.pipeline.syncOperations, runtime: runtimes[chain])
-              case .http2: try Self.configureHTTP2(context.pipeline.syncOperations, runtime: runtimes[chain])
+              case .http1: try Self.configureHTTP1(context.pipeline.syncOperations, runtime: runtimes[chain], scheme: "https")
+              case .http2: try Self.configureHTTP2(context.pipeline.syncOperations, runtime: runtimes[chain], scheme: "https")
               }
             }
             return
@@ -326,14 +326,20 @@ public final class ProxyServer: Service {
   }
 
   /// The only place downstream pipelines are assembled.
-  static func configureHTTP1(_ pipeline: ChannelPipeline.SynchronousOperations, runtime: ListenerRuntime) throws {
+  /// - Parameter scheme: what the connection is, `https` behind TLS: HTTP/1.1 requests do not say
+  ///   (HTTP/2 ones carry `:scheme`), and the backend hears it as `x-forwarded-proto`.
+  static func configureHTTP1(
+    _ pipeline: ChannelPipeline.SynchronousOperations, runtime: ListenerRuntime, scheme: String = "http"
+  ) throws {
     try pipeline.configureHTTPServerPipeline(withPipeliningAssistance: true, withErrorHandling: true)
-    try pipeline.addHandler(HTTP1ProxyHandler(runtime: runtime))
+    try pipeline.addHandler(HTTP1ProxyHandler(runtime: runtime, scheme: scheme))
   }
 
-  static func configureHTTP2(_ pipeline: ChannelPipeline.SynchronousOperations, runtime: ListenerRuntime) throws {
+  static func configureHTTP2(
+    _ pipeline: ChannelPipeline.SynchronousOperations, runtime: ListenerRuntime, scheme: String = "http"
+  ) throws {
     try pipeline.addHandler(HTTP2ProxyConnectionHandler.http2Handler())
-    try pipeline.addHandler(HTTP2ProxyConnectionHandler(runtime: runtime))
+    try pipeline.addHandler(HTTP2ProxyConnectionHandler(runtime: runtime, scheme: scheme))
   }
 
 }

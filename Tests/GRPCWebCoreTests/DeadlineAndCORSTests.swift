@@ -39,6 +39,15 @@ import Testing
     let capped = RouteTimeouts(grpcTimeoutHeaderMax: .seconds(1))
     #expect(DeadlinePlan.make(timeouts: capped, grpcTimeoutHeader: "1H", isGRPC: true).milliseconds == 1000)
   }
+
+  @Test func theBackendIsToldTheCappedDeadline() {
+    // Seen side by side with Envoy 1.40: grpc_timeout_header_max 0.4s, offset 0.1s, client 10S.
+    let t = RouteTimeouts(grpcTimeoutHeaderMax: .milliseconds(400), grpcTimeoutHeaderOffset: .milliseconds(100))
+    let plan = DeadlinePlan.make(timeouts: t, grpcTimeoutHeader: "10S", isGRPC: true)
+    #expect(plan.milliseconds == 300)
+    #expect(plan.upstreamGRPCTimeout == "300m")
+    #expect(DeadlinePlan.make(timeouts: t, grpcTimeoutHeader: nil, isGRPC: true).upstreamGRPCTimeout == nil)
+  }
 }
 
 @Suite struct CORSTests {

@@ -65,7 +65,7 @@ def spki_hash(cert):
 def certs(tmp_path_factory):
     d = tmp_path_factory.mktemp("certs")
     subprocess.run([str(ROOT / "scripts" / "gen-certs.sh"), "-o", str(d), "--client", "none"], check=True, capture_output=True)
-    return d
+    return integration.share(d)
 
 
 @pytest.fixture(scope="module")

@@ -158,7 +158,8 @@ def test_embedded_default_serves_a_working_page_on_its_own_origin(driver):
     from .demo_page import DemoPage, integration
 
     port, admin = free_port(), free_port()
-    proc = subprocess.Popen([str(integration.PROXY_BIN), "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}"],
+    proc = subprocess.Popen(integration.unprivileged([integration.PROXY_BIN, "--listen", f"127.0.0.1:{port}",
+                                                      "--admin-listen", f"127.0.0.1:{admin}"]),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         integration.wait_for_port(port, proc)

@@ -10,7 +10,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
 import envoy_yaml  # noqa: E402
-from processes import free_port, wait_for_port, wait_until  # noqa: E402,F401  (the tests import them from here)
+from processes import (  # noqa: E402,F401  (the tests import them from here)
+    assert_unprivileged, free_port, share, unprivileged, wait_for_port, wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("BIN_DIR", ROOT / ".build" / "debug"))
@@ -22,9 +24,10 @@ class Replica:
     def __init__(self, name, port):
         self.name, self.port = name, port
         self.proc = subprocess.Popen(
-            [str(USER_SERVICE_BIN), "--host", "127.0.0.1", "--port", str(port), "--replica", name],
+            unprivileged([USER_SERVICE_BIN, "--host", "127.0.0.1", "--port", port, "--replica", name]),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         wait_for_port(port, self.proc)
+        assert_unprivileged(self.proc.pid, f"user-service {name}")
 
     def stop(self, kill=False):
         if self.proc.poll() is None:
@@ -41,12 +44,16 @@ def replicas():
 
 
 class Proxy:
-    def __init__(self, config_text, args=()):
+    """The proxy as its users run it: unprivileged (tests/support/processes.py), unless a test
+    passes privileged=True and says why."""
+
+    def __init__(self, config_text, args=(), privileged=False):
         self.dir = tempfile.TemporaryDirectory()
         self.config = Path(self.dir.name) / "envoy.yaml"
         self.config.write_text(config_text)
+        share(self.dir.name)
         self.log = open(Path(self.dir.name) / "proxy.log", "w+")
-        self.proc = subprocess.Popen([str(PROXY_BIN), "-c", str(self.config), *args],
+        self.proc = subprocess.Popen(unprivileged([PROXY_BIN, "-c", self.config, *args], privileged),
                                      stdout=self.log, stderr=subprocess.STDOUT, text=True)
 
     def output(self):
@@ -98,14 +105,16 @@ ROUTES = """
                 direct_response: { status: 403, body: { inline_string: "reflection is off" } }"""
 
 
-def start_proxy(text, port, args=()):
-    p = Proxy(text, args)
+def start_proxy(text, port, args=(), privileged=False):
+    p = Proxy(text, args, privileged)
     try:
         wait_for_port(port, p.proc)
     except Exception:
         out = p.output()
         p.stop()
         raise RuntimeError(f"proxy did not start: {out}")
+    if not privileged:
+        assert_unprivileged(p.proc.pid, "the proxy")
     return p
 
 

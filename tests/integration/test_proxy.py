@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from conftest import PROXY_BIN, ROOT, ROUTES, Replica, config, free_port, start_proxy, wait_for_port
+from conftest import PROXY_BIN, ROOT, ROUTES, Replica, config, free_port, start_proxy, unprivileged, wait_for_port
 from grpcweb import HTTP1, HTTP2, Reply, echo_req, frame, login_req, pb_decode
 
 TRANSPORTS = ["http1", "http2"]
@@ -209,7 +209,9 @@ def test_dead_backend_is_unavailable_with_a_reason(proxy, transport):
         c.close()
     assert r.status == 503
     assert r.grpc_status == 14
-    assert r.grpc_message.startswith("upstream connect error or disconnect/reset before headers. reset reason: connection failure")
+    # Envoy 1.40's words, then the cause in words (never an errno).
+    assert r.grpc_message == ("upstream connect error or disconnect/reset before headers. reset reason: "
+                              "remote connection failure, connection refused"), r.grpc_message
     assert r.headers["access-control-allow-origin"] == "http://app.example"
     assert "grpc-status" in r.headers["access-control-expose-headers"]
 
@@ -394,7 +396,7 @@ def test_validate_mode(tmp_path):
 
 def test_embedded_default_serves_the_user_service():
     port, admin = free_port(), free_port()
-    proc = subprocess.Popen([str(PROXY_BIN), "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}"],
+    proc = subprocess.Popen(unprivileged([PROXY_BIN, "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}"]),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_port(port, proc)

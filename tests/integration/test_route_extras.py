@@ -3,13 +3,14 @@ direct_response bodies read from files."""
 
 import collections
 
-from conftest import config, free_port, start_proxy
+from conftest import config, free_port, share, start_proxy
 from grpcweb import HTTP1, HTTP2, echo_req, pb_decode
 
 
 def test_request_and_response_header_mutations(replicas, tmp_path):
     page = tmp_path / "page.html"
     page.write_text("<h1>hello</h1>\n")
+    share(page)
     routes = f"""
               - match: {{ path: "/page" }}
                 direct_response: {{ status: 200, body: {{ filename: "{page}" }} }}
@@ -55,11 +56,11 @@ def test_unix_socket_endpoint(tmp_path):
     import subprocess
     import time
 
-    from conftest import USER_SERVICE_BIN
+    from conftest import USER_SERVICE_BIN, share, unprivileged
     from grpcweb import login_req
 
-    sock = tmp_path / "user.sock"
-    backend = subprocess.Popen([str(USER_SERVICE_BIN), "--unix-socket", str(sock), "--replica", "unix"],
+    sock = share(tmp_path, writable=True) / "user.sock"
+    backend = subprocess.Popen(unprivileged([USER_SERVICE_BIN, "--unix-socket", sock, "--replica", "unix"]),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     port = free_port()
     p = None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, USER_SERVICE_BIN, free_port, start_proxy, wait_for_port, wait_until
+from conftest import ROOT, USER_SERVICE_BIN, unprivileged, free_port, start_proxy, wait_for_port, wait_until
 from grpcweb import HTTP1, HTTP2, Reply, echo_req, frame, grpc_web_body, grpc_web_headers, login_req, pb_decode
 
 import envoy_yaml
@@ -48,7 +48,7 @@ class Task:
     def __init__(self, address, port):
         self.address, self.port = address, port
         self.name = f"task-{address.rsplit('.', 1)[1]}"
-        self.proc = subprocess.Popen([str(USER_SERVICE_BIN), "--host", address, "--port", str(port), "--replica", self.name],
+        self.proc = subprocess.Popen(unprivileged([USER_SERVICE_BIN, "--host", address, "--port", port, "--replica", self.name]),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while True:
@@ -319,3 +319,23 @@ def test_nxdomain_and_servfail_keep_the_last_tasks(swarm):
         assert "NXDOMAIN" in proxy.output() and "SERVFAIL" in proxy.output()
     finally:
         c.close()
+
+
+def test_a_reordered_answer_is_not_a_membership_change(swarm):
+    """Docker's DNS lists tasks.<service> in a new order on each lookup. The log names a change of
+    membership once, and says nothing while the set of tasks stays the same."""
+    dns, tasks, task_port, port, admin_port, proxy = swarm
+    dns.set("tasks.user", ADDRESSES[:3], ttl=1, shuffle=True)
+    before = proxy.output().count("endpoints now")
+    dns.reset_counts()
+    wait_until(lambda: dns.queries("tasks.user") >= 8, 10, "eight lookups")
+    assert proxy.output().count("endpoints now") == before, proxy.output()[-3000:]
+
+    tasks[ADDRESSES[3]] = Task(ADDRESSES[3], task_port)
+    dns.set("tasks.user", ADDRESSES[:4], ttl=1, shuffle=True)
+    wait_until(lambda: f"added {ADDRESSES[3]}:{task_port}" in proxy.output(), 5, "the new task in the log")
+    dns.reset_counts()
+    wait_until(lambda: dns.queries("tasks.user") >= 8, 10, "eight more lookups")
+    lines = [line for line in proxy.output().splitlines() if "endpoints now" in line]
+    assert len(lines) == before + 1, "\n".join(lines)
+    record([f"reordered DNS answers: {len(lines) - before} membership line for one added task over 16+ lookups"])

@@ -303,13 +303,13 @@ def test_calls_the_server_never_processed_go_to_another_endpoint(replicas, mode)
 
 
 def test_more_connections_when_the_server_limits_concurrent_streams():
-    from conftest import USER_SERVICE_BIN, wait_for_port
+    from conftest import USER_SERVICE_BIN, unprivileged, wait_for_port
     import subprocess
     from grpcweb import echo_req, frame
 
     backend_port = free_port()
-    backend = subprocess.Popen([str(USER_SERVICE_BIN), "--host", "127.0.0.1", "--port", str(backend_port), "--replica", "narrow",
-                                "--max-concurrent-streams", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    backend = subprocess.Popen(unprivileged([USER_SERVICE_BIN, "--host", "127.0.0.1", "--port", backend_port, "--replica", "narrow",
+                                             "--max-concurrent-streams", "2"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     port, admin = free_port(), free_port()
     p = None
     try:

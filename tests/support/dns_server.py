@@ -21,6 +21,7 @@ Needs dnslib (pip install dnslib).
 
 import argparse
 import ipaddress
+import random
 import signal
 import sys
 import threading
@@ -47,8 +48,9 @@ class _QuietLogger:
 
 
 class _Entry:
-    def __init__(self, addresses=(), ttl=30, mode=ANSWER, truncate=False):
+    def __init__(self, addresses=(), ttl=30, mode=ANSWER, truncate=False, shuffle=False):
         self.addresses, self.ttl, self.mode, self.truncate = list(addresses), ttl, mode, truncate
+        self.shuffle = shuffle
 
 
 class TestDNS:
@@ -85,13 +87,14 @@ class TestDNS:
 
     # -- what names answer
 
-    def set(self, name, addresses, ttl=30):
+    def set(self, name, addresses, ttl=30, shuffle=False):
         """Answer A with the IPv4 and AAAA with the IPv6 addresses in `addresses` (either may be
-        none: an empty NOERROR for that type). Clears any error mode and truncation set before."""
+        none: an empty NOERROR for that type). Clears any error mode and truncation set before.
+        With `shuffle`, every answer lists them in a new order, as Docker's DNS does."""
         for address in addresses:
             ipaddress.ip_address(address)  # a typo in a test should fail here, not as a bad answer
         with self._lock:
-            self._entries[_key(name)] = _Entry(addresses, ttl)
+            self._entries[_key(name)] = _Entry(addresses, ttl, shuffle=shuffle)
 
     def remove(self, name):
         """Forget the name: NXDOMAIN from now on."""
@@ -159,6 +162,8 @@ class TestDNS:
             self._counts[(name, qtype, protocol)] = self._counts.get((name, qtype, protocol), 0) + 1
             entry = self._entries.get(name)
             entry = entry and _Entry(entry.addresses, entry.ttl, entry.mode, entry.truncate)
+            if entry is not None and self._entries[name].shuffle:
+                random.shuffle(entry.addresses)
         reply = request.reply()
         if entry is None or entry.mode == NXDOMAIN:
             reply.header.rcode = RCODE.NXDOMAIN

@@ -3,7 +3,7 @@
 // tests/support/envoy_yaml.py (run through python3), the same blocks every other test uses.
 
 import { spawn, execFileSync } from 'node:child_process';
-import { existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -54,9 +54,15 @@ export async function waitForPort(port, child, describe, timeoutMs = 30000) {
   throw new Error(`${describe}: nothing listening on ${port} after ${timeoutMs} ms: ${child.output()}`);
 }
 
+// As tests/support/processes.py: the proxy and the User service run as their users run them, as
+// `nobody` with no capabilities, when the tests run as root.
+const UNPRIVILEGED = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups', '--inh-caps=-all',
+  '--bounding-set=-all', '--no-new-privs', '--'];
+
 function startProcess(command, args, logPath) {
   const log = openSync(logPath, 'w');
-  const child = spawn(command, args, { stdio: ['ignore', log, log] });
+  const argv = process.geteuid() === 0 ? [...UNPRIVILEGED, command, ...args] : [command, ...args];
+  const child = spawn(argv[0], argv.slice(1), { stdio: ['ignore', log, log] });
   child.output = () => (existsSync(logPath) ? readFileSync(logPath, 'utf8') : '');
   child.stop = () => new Promise((resolve) => {
     if (child.exitCode !== null || child.signalCode !== null) return resolve();
@@ -106,5 +112,6 @@ export async function startProxy(configText, port, dir) {
 
 export function tempDir() {
   const dir = mkdtempSync(path.join(tmpdir(), 'webdemo-'));
+  chmodSync(dir, 0o755); // the unprivileged proxy reads its configuration from here
   return { dir, remove: () => rmSync(dir, { recursive: true, force: true }) };
 }

@@ -17,9 +17,15 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream, Drainabl
   private var responseEnded = true
   /// The proxy is stopping: the current response is the connection's last.
   private var draining = false
+  /// Bytes of a Content-Length request body still to come: its last piece ends the request
+  /// upstream in the same frame (see ProxyCall.receiveBody). Nil for a chunked body.
+  private var bodyRemaining: Int?
 
-  init(runtime: ListenerRuntime) {
+  private let scheme: String
+
+  init(runtime: ListenerRuntime, scheme: String = "http") {
     self.runtime = runtime
+    self.scheme = scheme
   }
 
   func handlerAdded(context: ChannelHandlerContext) {
@@ -42,16 +48,28 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream, Drainabl
       headers.add(name: ":method", value: head.method.rawValue)
       headers.add(name: ":path", value: head.uri)
       headers.add(name: ":authority", value: head.headers.first(name: "host") ?? "")
-      headers.add(name: ":scheme", value: "http")
+      headers.add(name: ":scheme", value: self.scheme)
       for (name, value) in head.headers {
         // HTTP/2 and HPACK want lower-case names; most clients already send them.
         headers.add(name: name.utf8.contains(where: { $0 >= 65 && $0 <= 90 }) ? name.lowercased() : name, value: value)
       }
-      let call = ProxyCall(runtime: self.runtime, eventLoop: context.eventLoop, allocator: context.channel.allocator, downstream: self)
+      let call = ProxyCall(
+        runtime: self.runtime, eventLoop: context.eventLoop, allocator: context.channel.allocator, downstream: self,
+        connectionScheme: self.scheme)
       self.call = call
-      call.receiveHead(headers, endStream: false)
+      // NIO's decoder has checked the framing: a request with neither Content-Length nor chunked
+      // Transfer-Encoding has no body (RFC 9112 section 6.3).
+      let chunked = head.headers[canonicalForm: "transfer-encoding"].contains { $0.lowercased() == "chunked" }
+      let length = chunked ? nil : head.headers.first(name: "content-length").flatMap { Int($0) }
+      self.bodyRemaining = chunked ? nil : (length ?? 0)
+      call.receiveHead(headers, endStream: self.bodyRemaining == 0)
     case .body(let buffer):
-      self.call?.receiveBody(buffer)
+      if let remaining = self.bodyRemaining {
+        self.bodyRemaining = remaining - buffer.readableBytes
+        self.call?.receiveBody(buffer, endStream: remaining - buffer.readableBytes <= 0)
+      } else {
+        self.call?.receiveBody(buffer)
+      }
     case .end(let trailers):
       var hpack: HPACKHeaders?
       if let trailers, !trailers.isEmpty {

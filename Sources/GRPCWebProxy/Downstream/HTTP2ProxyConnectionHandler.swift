@@ -24,8 +24,12 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   private var lastStreamID = HTTP2StreamID(0)
   private var draining = false
 
-  init(runtime: ListenerRuntime) {
+  /// `https` behind TLS (see ProxyCall.connectionScheme).
+  private let scheme: String
+
+  init(runtime: ListenerRuntime, scheme: String = "http") {
     self.runtime = runtime
+    self.scheme = scheme
   }
 
   /// The HTTP/2 server handler for the connection, configured for this one.
@@ -71,7 +75,9 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
         if id > self.lastStreamID { self.lastStreamID = id }
         let stream = HTTP2DownstreamStream(id: id, connection: self)
         stream.requestEnded = headers.endStream
-        let call = ProxyCall(runtime: self.runtime, eventLoop: context.eventLoop, allocator: context.channel.allocator, downstream: stream)
+        let call = ProxyCall(
+          runtime: self.runtime, eventLoop: context.eventLoop, allocator: context.channel.allocator, downstream: stream,
+          connectionScheme: self.scheme)
         stream.call = call
         self.streams[id] = stream
         call.receiveHead(headers.headers, endStream: headers.endStream)
@@ -79,12 +85,13 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
     case .data(let data):
       guard let stream = self.streams[id] else { return }
       if case .byteBuffer(let buffer) = data.data, buffer.readableBytes > 0 {
-        stream.call?.receiveBody(buffer)
-      }
-      if data.endStream {
+        if data.endStream { stream.requestEnded = true }
+        stream.call?.receiveBody(buffer, endStream: data.endStream)
+      } else if data.endStream {
         stream.requestEnded = true
         stream.call?.receiveEnd(trailers: nil)
-      } else {
+      }
+      if !data.endStream {
         // Window goes back as the body is passed on (the upstream applies its own flow control).
         stream.owed += data.data.readableBytes + (data.paddingBytes ?? 0)
         if stream.owed >= Self.streamWindow / 2 {

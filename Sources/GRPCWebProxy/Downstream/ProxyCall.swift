@@ -104,8 +104,15 @@ final class ProxyCall: UpstreamStreamDelegate {
   static let maxReplays = 3
   private var clusterName = ""
 
-  init(runtime: ListenerRuntime, eventLoop: any EventLoop, allocator: ByteBufferAllocator, downstream: any DownstreamStream) {
+  /// `https` when the client's connection is TLS.
+  private let connectionScheme: String
+
+  init(
+    runtime: ListenerRuntime, eventLoop: any EventLoop, allocator: ByteBufferAllocator, downstream: any DownstreamStream,
+    connectionScheme: String = "http"
+  ) {
     self.runtime = runtime
+    self.connectionScheme = connectionScheme
     self.eventLoop = eventLoop
     self.allocator = allocator
     self.downstream = downstream
@@ -199,7 +206,8 @@ final class ProxyCall: UpstreamStreamDelegate {
     if plan.start == .requestStart { self.startDeadline() }
 
     let upstreamPath = entry.upstreamPath(path)
-    var upstreamHeaders = RequestTranslator.upstreamHeaders(headers, kind: kind, path: upstreamPath, grpcTimeout: plan.upstreamGRPCTimeout)
+    var upstreamHeaders = RequestTranslator.upstreamHeaders(
+      headers, kind: kind, path: upstreamPath, grpcTimeout: plan.upstreamGRPCTimeout, forwardedProto: self.connectionScheme)
     if let host = entry.route.hostRewrite {
       // In place: pseudo-headers must stay ahead of the others (replaceOrAdd would append it).
       var rewritten = HPACKHeaders()
@@ -234,23 +242,40 @@ final class ProxyCall: UpstreamStreamDelegate {
     }
   }
 
-  func receiveBody(_ buffer: ByteBuffer) {
-    guard case .forwarding(let decoder) = self.request else { return }
+  /// A piece of the request body; `endStream` when the client said it is the last (an HTTP/2
+  /// DATA frame with END_STREAM, or the last byte of an HTTP/1.1 Content-Length body).
+  ///
+  /// The last piece goes upstream as one DATA frame with END_STREAM, not as data and then an
+  /// empty frame: a server that answers a unary call as soon as it has the message (grpc-go)
+  /// resets a stream whose request has not ended, and a flood of such resets is what HTTP/2
+  /// implementations count as an attack.
+  func receiveBody(_ buffer: ByteBuffer, endStream: Bool = false) {
+    guard case .forwarding(let decoder) = self.request else {
+      if endStream { self.receiveEnd(trailers: nil) }
+      return
+    }
     if self.idleTimeout != nil { self.lastActivity = .now() }
     var payload = buffer
     if var text = decoder {
       var decoded = self.allocator.buffer(capacity: buffer.readableBytes / 4 * 3 + 3)
       do {
         try text.decode(buffer, into: &decoded)
+        if endStream { try text.finish() }
       } catch {
         self.badBase64(error)
         return
       }
       self.request = .forwarding(decoder: text)
-      guard decoded.readableBytes > 0 else { return }
+      guard decoded.readableBytes > 0 || endStream else { return }
       payload = decoded
     }
-    self.sendUpstream(.data(.init(data: .byteBuffer(payload), endStream: false)))
+    if endStream {
+      self.request = .complete
+      self.sendUpstream(.data(.init(data: .byteBuffer(payload), endStream: true)))
+      if self.deadline?.start == .requestEnd { self.startDeadline() }
+    } else {
+      self.sendUpstream(.data(.init(data: .byteBuffer(payload), endStream: false)))
+    }
   }
 
   func receiveEnd(trailers: HPACKHeaders?) {

@@ -86,7 +86,7 @@ final class UpstreamTLSHandshakeHandler: ChannelInboundHandler {
 
   private func fail(_ context: ChannelHandlerContext, _ why: String) {
     self.state = .failed
-    self.connection.connectFailed(reason: "connection failure, transport failure reason: TLS error: \(why)")
+    self.connection.connectFailed(reason: "remote connection failure, TLS error: \(why)")
     context.close(promise: nil)
   }
 }

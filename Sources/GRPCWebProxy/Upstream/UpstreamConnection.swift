@@ -75,6 +75,22 @@ final class UpstreamConnection {
   static let connectionWindow = 16 << 20
   static let maxRememberedResets = 4096
 
+  /// swift-nio-http2's defences against a hostile peer (at most 200 RST_STREAM, stream errors or
+  /// PING/SETTINGS frames in 30 s, then GOAWAY ENHANCE_YOUR_CALM) are meant for a server facing
+  /// clients. Here the peer is the proxy's own backend, and its resets are ordinary: grpc-go sends
+  /// RST_STREAM(NO_ERROR) for every call it answers before the request's END_STREAM arrives, and
+  /// pings for its window estimates. Counting them would throw away a healthy connection and
+  /// every call on it. The window of one nanosecond keeps the heuristics' bookkeeping (a queue of
+  /// at most a few timestamps) without ever tripping them.
+  static let streamConfiguration: NIOHTTP2Handler.StreamConfiguration = {
+    var configuration = NIOHTTP2Handler.StreamConfiguration()
+    configuration.streamResetFrameRateLimit.maximumCount = 64
+    configuration.streamResetFrameRateLimit.windowLength = .nanoseconds(1)
+    configuration.streamErrorRateLimit.maximumCount = 64
+    configuration.streamErrorRateLimit.windowLength = .nanoseconds(1)
+    return configuration
+  }()
+
   let endpoint: HostAndPort
   private let eventLoop: any EventLoop
   private let connectTimeout: ProxyDuration
@@ -181,7 +197,7 @@ final class UpstreamConnection {
         address = try SocketAddress(ipAddress: self.endpoint.host, port: self.endpoint.port)
       }
     } catch {
-      self.connectFailed(reason: "connection failure, transport failure reason: bad address \(self.endpoint)")
+      self.connectFailed(reason: "local connection failure, bad address \(self.endpoint)")
       return
     }
     let timeout = TimeAmount.nanoseconds(max(self.connectTimeout.nanoseconds, 1_000_000))
@@ -189,7 +205,7 @@ final class UpstreamConnection {
     let tls = self.tls
     var bootstrap = ClientBootstrap(group: self.eventLoop).connectTimeout(timeout)
     if self.endpoint.unixSocketPath == nil {
-      bootstrap = bootstrap.channelOption(.socketOption(.tcp_nodelay), value: 1)
+      bootstrap = bootstrap.channelOption(.tcpOption(.tcp_nodelay), value: 1)
     }
     let future = bootstrap
       .channelInitializer { channel in
@@ -205,16 +221,22 @@ final class UpstreamConnection {
           // on the way. NIOHTTP2 ignores frames for streams it remembers resetting and treats
           // the rest as a protocol error that kills the connection: remember them all.
           configuration.maximumRecentlyResetStreams = UpstreamConnection.maxRememberedResets
+          // As for streamConfiguration below: the backend's pings and stream errors over a
+          // long-lived connection are not an attack on the proxy.
+          configuration.controlFrameRateLimit.maximumCount = 64
+          configuration.controlFrameRateLimit.windowLength = .nanoseconds(1)
+          configuration.maximumConnectionGlitches = .max
           if let tls {
             try tls.addHandlers(to: channel.pipeline.syncOperations, connection: bound.value)
           }
-          try channel.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, connectionConfiguration: configuration))
+          try channel.pipeline.syncOperations.addHandler(
+            NIOHTTP2Handler(mode: .client, connectionConfiguration: configuration, streamConfiguration: UpstreamConnection.streamConfiguration))
           try channel.pipeline.syncOperations.addHandler(UpstreamFrameHandler(connection: bound.value, awaitsTLS: tls != nil))
         }
       }
       .connect(to: address)
     future.assumeIsolated().whenFailure { error in
-      self.connectFailed(reason: "connection failure, transport failure reason: \(Self.describe(error))")
+      self.connectFailed(reason: Self.describe(error))
     }
   }
 
@@ -411,7 +433,7 @@ final class UpstreamConnection {
     let streams = self.streams
     self.streams.removeAll()
     if case .connecting = self.state {
-      self.connectFailed(reason: "connection failure")
+      self.connectFailed(reason: "remote connection failure")
       return
     }
     self.state = .closed
@@ -449,9 +471,19 @@ final class UpstreamConnection {
     context.close(promise: nil)
   }
 
-  private static func describe(_ error: any Error) -> String {
-    if let io = error as? IOError { return "delayed connect error: \(io.errnoCode)" }
-    return "\(error)"
+  /// A failed connect as Envoy 1.40 names it in the reset reason ("remote connection failure",
+  /// "connection timeout"), then the cause in words for whoever reads the message: never an
+  /// errno.
+  static func describe(_ error: any Error) -> String {
+    if case ChannelError.connectTimeout = error { return "connection timeout" }
+    if let io = error as? IOError {
+      if io.errnoCode == ECONNREFUSED { return "remote connection failure, connection refused" }
+      return "remote connection failure, " + String(cString: strerror(io.errnoCode)).lowercased()
+    }
+    if let multiple = error as? NIOConnectionError, let first = multiple.connectionErrors.first {
+      return Self.describe(first.error)
+    }
+    return "remote connection failure, \(error)"
   }
 }
 
