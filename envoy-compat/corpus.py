@@ -1206,6 +1206,10 @@ def envoy_argv(cfg: Path, mode: str | None = None) -> list[str]:
 
 
 def proxy_argv(cfg: Path) -> list[str]:
+    # Root, unlike everywhere else in the tests: the corpus configs are read where they lie and
+    # reach the test backend over unix sockets that this (root) harness creates; the same
+    # listeners, codecs, TLS and upstream paths run unprivileged in test_differential,
+    # test_tls and tests/integration.
     return [str(H.proxy_binary()), "-c", str(cfg), "--concurrency", "1", "-l", "warning",
             "--drain-time-s", "0.5"]
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 import envoy_yaml  # noqa: E402
+from processes import share, unprivileged  # noqa: E402,F401  (the proxy runs as its users run it)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -217,5 +218,6 @@ def start_proxy(workdir: Path, backend_port: int, refused_port: int) -> Server:
     port = free_port()
     cfg = workdir / "proxy.yaml"
     cfg.write_text(make_config(port, backend_port, refused_port))
-    argv = [str(proxy_binary()), "-c", str(cfg)]
+    share(cfg)
+    argv = unprivileged([proxy_binary(), "-c", cfg])
     return _start("proxy", argv, port, cfg, workdir / "proxy.log", timeout=20)

@@ -129,7 +129,7 @@ def certs(tmp_path_factory):
     gen(d)
     gen(d, "--server", "api.example.com", "--server-out", "api", "--client", "none")
     gen(d / "other", "--server", "none")
-    return d
+    return H.share(d)
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +137,9 @@ def tls_backend(certs):
     if not USER_SERVICE.exists():
         pytest.skip(f"user-service not built at {USER_SERVICE}")
     port = H.free_port()
-    proc = subprocess.Popen([str(USER_SERVICE), "--host", "127.0.0.1", "--port", str(port), "--replica", "tls",
-                             "--tls-cert", str(certs / "server.crt"), "--tls-key", str(certs / "server.key"),
-                             "--tls-ca", str(certs / "ca.crt")], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(H.unprivileged([USER_SERVICE, "--host", "127.0.0.1", "--port", port, "--replica", "tls",
+                                            "--tls-cert", certs / "server.crt", "--tls-key", certs / "server.key",
+                                            "--tls-ca", certs / "ca.crt"]), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     assert H.wait_for_port(port, proc, 30)
     yield port
     proc.terminate()
@@ -150,6 +150,7 @@ def start(name, argv_for, certs, backend_port, workdir):
     https, mtls = H.free_port(), H.free_port()
     cfg = workdir / f"{name}-tls.yaml"
     cfg.write_text(make_config(https, mtls, backend_port, certs))
+    H.share(cfg)
     server = H._start(name, argv_for(cfg), https, cfg, workdir / f"{name}-tls.log", timeout=30)
     assert H.wait_for_port(mtls, server.proc, 10)
     server.mtls = mtls
@@ -165,7 +166,7 @@ def servers(certs, tls_backend, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tls-servers")
     envoy = start("envoy", lambda cfg: [H.envoy_binary(), "-c", str(cfg), "--concurrency", "1", "-l", "error",
                                         "--base-id", str(random.randint(1000, 2_000_000))], certs, tls_backend, workdir)
-    proxy = start("proxy", lambda cfg: [str(H.proxy_binary()), "-c", str(cfg)], certs, tls_backend, workdir)
+    proxy = start("proxy", lambda cfg: H.unprivileged([H.proxy_binary(), "-c", cfg]), certs, tls_backend, workdir)
     yield {"envoy": envoy, "proxy": proxy}
     envoy.stop()
     proxy.stop()

@@ -331,14 +331,22 @@ public final class ProxyServer: Service {
   static func configureHTTP1(
     _ pipeline: ChannelPipeline.SynchronousOperations, runtime: ListenerRuntime, scheme: String = "http"
   ) throws {
-    try pipeline.configureHTTPServerPipeline(withPipeliningAssistance: true, withErrorHandling: true)
+    // NIO's decoder enforces the listener's header limits while it parses, so an oversized
+    // request is never held in full; HTTP1ProxyHandler answers its errors (431 or 400).
+    var limits = NIOHTTPDecoderLimitConfiguration()
+    limits.maxHeaderFieldSize = runtime.listener.headerLimits.maxBytes
+    limits.maxHeaderListSize = runtime.listener.headerLimits.maxBytes
+    limits.maxHeaderFieldCount = runtime.listener.headerLimits.maxCount
+    try pipeline.configureHTTPServerPipeline(
+      withPipeliningAssistance: true, withErrorHandling: false, withOutboundHeaderValidation: true,
+      withEncoderConfiguration: .init(), withDecoderLimitConfiguration: limits)
     try pipeline.addHandler(HTTP1ProxyHandler(runtime: runtime, scheme: scheme))
   }
 
   static func configureHTTP2(
     _ pipeline: ChannelPipeline.SynchronousOperations, runtime: ListenerRuntime, scheme: String = "http"
   ) throws {
-    try pipeline.addHandler(HTTP2ProxyConnectionHandler.http2Handler())
+    try pipeline.addHandler(HTTP2ProxyConnectionHandler.http2Handler(limits: runtime.listener.headerLimits))
     try pipeline.addHandler(HTTP2ProxyConnectionHandler(runtime: runtime, scheme: scheme))
   }
 

@@ -261,11 +261,29 @@ struct Reader {
     clusters: [Cluster]
   ) throws(ConfigError) -> Listener {
     m.accept("@type", "stat_prefix", "access_log", "use_remote_address", "xff_num_trusted_hops", "generate_request_id",
-      "server_name", "common_http_protocol_options", "http_protocol_options", "http2_protocol_options",
+      "server_name", "http_protocol_options", "http2_protocol_options",
       "request_timeout", "upgrade_configs", "normalize_path", "merge_slashes",
       "skip_xff_append", "via", "forward_client_cert_details", "set_current_client_cert_details", "tracing")
     let codec = try m.optional("codec_type")?.enumeration(CodecType.self) ?? .auto
     let streamIdle = try m.optional("stream_idle_timeout")?.duration()
+    var limits = HeaderLimits()
+    if let kb = m.optional("max_request_headers_kb") {
+      let value = try kb.int()
+      // Envoy's bounds for the field: more than 0, at most 8192.
+      guard value > 0 && value <= 8192 else { throw kb.error("max_request_headers_kb must be from 1 to 8192, found \(value)") }
+      limits.maxBytes = value * 1024
+    }
+    if let common = m.optional("common_http_protocol_options") {
+      let cm = try common.mapping()
+      if let count = cm.optional("max_headers_count") {
+        let value = try count.int()
+        guard value >= 1 else { throw count.error("max_headers_count must be at least 1, found \(value)") }
+        limits.maxCount = value
+      }
+      // The rest of these options (idle_timeout, max_stream_duration, ...) are taken as Envoy's
+      // users write them and not acted on here.
+      for key in cm.keys { cm.accept(key) }
+    }
     if let rds = m.optional("rds") {
       throw rds.error("rds (routes from xDS) is not supported: put the routes in route_config")
     }
@@ -317,6 +335,7 @@ struct Reader {
       corsEnabled: cors
     )
     if let streamIdle, !streamIdle.isZero { listener.streamIdleTimeout = streamIdle }
+    listener.headerLimits = limits
     return listener
   }
 

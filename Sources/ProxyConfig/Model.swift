@@ -99,6 +99,10 @@ public struct Listener: Sendable, Hashable {
   /// The listener's other filter chains, each with its own names, TLS and HTTP settings (their
   /// name and address are the listener's).
   public var otherChains: [Listener] = []
+  /// The request header limits (Envoy's `max_request_headers_kb`, 60 KiB by default, and
+  /// `common_http_protocol_options.max_headers_count`, 100 by default): above either a request
+  /// gets 431, on HTTP/1.1 and HTTP/2.
+  public var headerLimits = HeaderLimits()
 
   public init(
     name: String,
@@ -114,6 +118,22 @@ public struct Listener: Sendable, Hashable {
     self.routeConfig = routeConfig
     self.grpcWebEnabled = grpcWebEnabled
     self.corsEnabled = corsEnabled
+  }
+}
+
+public struct HeaderLimits: Sendable, Hashable {
+  /// Bytes of header names and values together.
+  public var maxBytes: Int
+  public var maxCount: Int
+
+  public init(maxBytes: Int = 60 * 1024, maxCount: Int = 100) {
+    self.maxBytes = maxBytes
+    self.maxCount = maxCount
+  }
+
+  /// Whether `headers` (name and value bytes, pseudo-headers excluded) fit.
+  public func admits(byteCount: Int, count: Int) -> Bool {
+    byteCount <= self.maxBytes && count <= self.maxCount
   }
 }
 

@@ -74,6 +74,29 @@ let sharedAvailable = FileManager.default.fileExists(atPath: sharedDirectory.app
     }
   }
 
+  @Test func headerLimitsDefaultToEnvoysAndAreRead() throws {
+    let plain = try ConfigLoader.load(yaml: Self.minimal(connectTimeout: "1s")).configuration
+    #expect(plain.listeners[0].headerLimits == HeaderLimits(maxBytes: 60 * 1024, maxCount: 100))
+    let yaml = Self.minimal(connectTimeout: "1s").replacingOccurrences(
+      of: "          stat_prefix: x\n",
+      with: "          stat_prefix: x\n          max_request_headers_kb: 96\n          common_http_protocol_options: { max_headers_count: 40, idle_timeout: 60s }\n")
+    let set = try ConfigLoader.load(yaml: yaml).configuration
+    #expect(set.listeners[0].headerLimits == HeaderLimits(maxBytes: 96 * 1024, maxCount: 40))
+  }
+
+  @Test func aHeaderLimitOutOfEnvoysBoundsNamesPathAndLine() {
+    let yaml = Self.minimal(connectTimeout: "1s").replacingOccurrences(
+      of: "          stat_prefix: x\n", with: "          stat_prefix: x\n          max_request_headers_kb: 9000\n")
+    do {
+      _ = try ConfigLoader.load(yaml: yaml)
+      Issue.record("expected an error")
+    } catch {
+      #expect(error.path.hasSuffix("max_request_headers_kb"))
+      #expect(error.line == 12)
+      #expect(error.description.contains("from 1 to 8192"))
+    }
+  }
+
   @Test func unknownClusterInRouteIsAnError() {
     let yaml = Self.minimal(connectTimeout: "1s").replacingOccurrences(of: "cluster: backend", with: "cluster: nowhere")
     #expect(throws: ConfigError.self) { try ConfigLoader.load(yaml: yaml) }

@@ -20,6 +20,8 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream, Drainabl
   /// Bytes of a Content-Length request body still to come: its last piece ends the request
   /// upstream in the same frame (see ProxyCall.receiveBody). Nil for a chunked body.
   private var bodyRemaining: Int?
+  /// A bad request was answered: what else arrives is dropped until the connection closes.
+  private var lingering = false
 
   private let scheme: String
 
@@ -91,9 +93,32 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream, Drainabl
     context.fireChannelWritabilityChanged()
   }
 
+  /// A request NIO's decoder could not read: 431 when its headers are over the listener's
+  /// limits (as Envoy), 400 for any other malformed request, then the connection closes. A
+  /// response already under way is just cut.
+  ///
+  /// The client is usually still sending the request it cannot finish: closing at once would
+  /// reset the connection (unread bytes) and lose the answer before the client reads it. So,
+  /// as Envoy's delayed close: send the answer, shut the sending side, drop what still arrives,
+  /// and close for good when the client does or a second later.
   func errorCaught(context: ChannelHandlerContext, error: any Error) {
-    context.close(promise: nil)
+    if self.lingering { return }  // the rest of a request already answered
+    guard let parserError = error as? HTTPParserError, self.responseEnded else {
+      context.close(promise: nil)
+      return
+    }
+    self.responseEnded = false
+    self.lingering = true
+    let status: HTTPResponseStatus = parserError == .headerOverflow ? .requestHeaderFieldsTooLarge : .badRequest
+    let headers = HTTPHeaders([("connection", "close"), ("content-length", "0")])
+    context.write(self.wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
+    context.writeAndFlush(self.wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
+      context.close(mode: .output, promise: nil)
+      context.eventLoop.assumeIsolated().scheduleTask(in: Self.lingerTime) { context.close(promise: nil) }
+    }
   }
+
+  static let lingerTime = TimeAmount.seconds(1)
 
   // MARK: - DrainableConnection
 

@@ -2,6 +2,7 @@ import GRPCWebCore
 import NIOCore
 import NIOHPACK
 import NIOHTTP2
+import ProxyConfig
 
 /// Serves a downstream HTTP/2 connection: each stream is one call, kept in a table on the
 /// connection channel rather than in a channel of its own.
@@ -33,13 +34,22 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   }
 
   /// The HTTP/2 server handler for the connection, configured for this one.
-  static func http2Handler() -> NIOHTTP2Handler {
+  ///
+  /// The header list size it advertises (and its decoder enforces, as a connection error) is
+  /// twice the listener's limit and room for HPACK's 32 bytes a header: a request between the
+  /// limit and that gets 431 on its own stream (ProxyCall), the connection carries on; beyond
+  /// it the decoder stops reading, so memory stays bounded.
+  static func http2Handler(limits: HeaderLimits) -> NIOHTTP2Handler {
     var configuration = NIOHTTP2Handler.ConnectionConfiguration()
+    let decoderLimit = min(2 * limits.maxBytes + 32 * min(limits.maxCount, 10_000), Int(UInt32.max))
     configuration.initialSettings = [
       HTTP2Setting(parameter: .maxConcurrentStreams, value: 1000),
       HTTP2Setting(parameter: .initialWindowSize, value: Self.streamWindow),
-      HTTP2Setting(parameter: .maxHeaderListSize, value: 1 << 16),
+      HTTP2Setting(parameter: .maxHeaderListSize, value: decoderLimit),
     ]
+    // A block that size arrives as HEADERS and CONTINUATION frames of 16 KiB each.
+    configuration.maximumSequentialContinuationFrames = max(
+      5, decoderLimit / 16_384 + 1)
     // Frames a client sends on streams the proxy has reset are ignored, not a protocol error.
     configuration.maximumRecentlyResetStreams = 1000
     return NIOHTTP2Handler(mode: .server, connectionConfiguration: configuration)

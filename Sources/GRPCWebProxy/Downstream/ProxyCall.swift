@@ -136,6 +136,23 @@ final class ProxyCall: UpstreamStreamDelegate {
     )
     self.translator = ResponseTranslator(kind: kind, maxTextFrameSize: self.runtime.maxTextFrameSize, allocator: self.allocator)
 
+    // HTTP/1.1 requests over the limits never get here (NIO's decoder stops them); HTTP/2 ones
+    // are decoded up to twice the limit and answered here, on their own stream.
+    var headerBytes = 0
+    var headerCount = 0
+    for (name, value, _) in headers where !name.hasPrefix(":") {
+      headerBytes += name.utf8.count + value.utf8.count
+      headerCount += 1
+    }
+    guard self.runtime.listener.headerLimits.admits(byteCount: headerBytes, count: headerCount) else {
+      self.runtime.logger.debug("request headers over the limits", metadata: ["bytes": "\(headerBytes)", "count": "\(headerCount)"])
+      self.translator.markFinished()
+      var head = HPACKHeaders()
+      head.add(name: "content-length", value: "0")
+      self.reject(ResponseTranslator.Output(head: ResponseHead(status: 431, headers: head), end: .clean(trailers: nil)), endStream: endStream)
+      return
+    }
+
     guard let entry = self.runtime.routes.match(authority: authority, path: path, headers: headers, isGRPC: kind.isGRPC) else {
       // Envoy's no-route reply: 404 with an empty body and so no grpc-status (L4).
       self.runtime.logger.debug("no route", metadata: ["authority": "\(authority)", "path": "\(path)"])
@@ -390,6 +407,15 @@ final class ProxyCall: UpstreamStreamDelegate {
       // The client is not keeping up: stop giving the backend window for this stream.
       stream.setPaused(true)
     }
+  }
+
+  /// The backend cannot take this request's headers: a local 431, the connection untouched.
+  func upstreamRefusedHeaders(_ message: String) {
+    if case .open = self.upstream { self.upstream = .closed }
+    self.sentFrames = nil
+    guard !self.translator.isFinished else { return }
+    self.runtime.logger.debug("request headers refused for the backend", metadata: ["reason": "\(message)"])
+    self.apply(self.translator.localReply(httpStatus: 431, grpcStatus: 8, message: message))
   }
 
   /// The upstream stream closed. If the response has not ended, the stream was reset or its

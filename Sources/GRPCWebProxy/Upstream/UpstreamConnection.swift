@@ -14,6 +14,16 @@ protocol UpstreamStreamDelegate: AnyObject {
   /// `unprocessed`: the server said it never processed the stream (REFUSED_STREAM, or above the
   /// last stream of its GOAWAY), or its HEADERS were never sent; the call may go elsewhere.
   func upstreamClosed(reason: String, unprocessed: Bool)
+  /// The request's header block cannot go to this backend (over its
+  /// SETTINGS_MAX_HEADER_LIST_SIZE, or too big for one frame); nothing was sent and the
+  /// connection carries on.
+  func upstreamRefusedHeaders(_ message: String)
+}
+
+extension UpstreamStreamDelegate {
+  func upstreamRefusedHeaders(_ message: String) {
+    self.upstreamClosed(reason: message, unprocessed: false)
+  }
 }
 
 /// A call's stream on an upstream connection: the handle the call writes through.
@@ -102,6 +112,10 @@ final class UpstreamConnection {
   private var state: State = .idle
   /// The server's SETTINGS_MAX_CONCURRENT_STREAMS (no limit until it says).
   private var peerMaxStreams = Int.max
+  /// The backend's SETTINGS_MAX_HEADER_LIST_SIZE (unlimited until it says) and
+  /// SETTINGS_MAX_FRAME_SIZE (16 KiB until it says).
+  private var peerMaxHeaderListSize = Int.max
+  private var peerMaxFrameSize = 16_384
   private let keepalive: (interval: TimeAmount, timeout: TimeAmount)?
   private var keepaliveTask: Scheduled<Void>?
   private var pingTimeout: Scheduled<Void>?
@@ -275,6 +289,16 @@ final class UpstreamConnection {
   fileprivate func write(_ payload: HTTP2Frame.FramePayload, on id: HTTP2StreamID) {
     guard case .ready(let context) = self.state, self.streams[id] != nil else { return }
     var promise: EventLoopPromise<Void>?
+    if case .headers(let headers) = payload, let problem = self.headerBlockProblem(headers.headers) {
+      // Sent, it would cost the connection (NIOHTTP2 cannot split a block into CONTINUATION
+      // frames and fails the whole connection; a backend over its list size may do the same),
+      // and every other call on it with this one. Refuse this call only.
+      guard let entry = self.streams.removeValue(forKey: id) else { return }
+      self.logger.debug("request headers refused", metadata: ["endpoint": "\(self.endpoint)", "problem": "\(problem)"])
+      entry.delegate.upstreamRefusedHeaders(problem)
+      self.closeIfDrained()
+      return
+    }
     if case .headers = payload {
       // The stream starts with this frame; if NIOHTTP2 refuses it (after a GOAWAY, say), the
       // call must hear so rather than wait for a response that cannot come.
@@ -284,6 +308,26 @@ final class UpstreamConnection {
     }
     context.write(NIOAny(HTTP2Frame(streamID: id, payload: payload)), promise: promise)
     self.scheduleFlush()
+  }
+
+  /// Why a header block cannot be sent to this backend, or nil. The list size is counted as
+  /// HTTP/2 counts it (name, value and 32 bytes a header); the frame size against an upper
+  /// bound of the HPACK encoding (a literal with both lengths), since the block must fit in
+  /// one HEADERS frame.
+  private func headerBlockProblem(_ headers: HPACKHeaders) -> String? {
+    var listSize = 0
+    var encodedBound = 0
+    for (name, value, _) in headers {
+      listSize += name.utf8.count + value.utf8.count + 32
+      encodedBound += name.utf8.count + value.utf8.count + 11
+    }
+    if listSize > self.peerMaxHeaderListSize {
+      return "request headers of \(listSize) bytes are more than the backend accepts (its SETTINGS_MAX_HEADER_LIST_SIZE is \(self.peerMaxHeaderListSize))"
+    }
+    if encodedBound > self.peerMaxFrameSize {
+      return "request headers of up to \(encodedBound) bytes encoded do not fit the backend's HTTP/2 frame size (\(self.peerMaxFrameSize))"
+    }
+    return nil
   }
 
   private func streamFailed(_ id: HTTP2StreamID) {
@@ -359,8 +403,13 @@ final class UpstreamConnection {
         unprocessed: code == .refusedStream)
       self.closeIfDrained()
     case .settings(.settings(let settings)):
-      for setting in settings where setting.parameter == .maxConcurrentStreams {
-        self.peerMaxStreams = max(1, setting.value)
+      for setting in settings {
+        switch setting.parameter {
+        case .maxConcurrentStreams: self.peerMaxStreams = max(1, setting.value)
+        case .maxHeaderListSize: self.peerMaxHeaderListSize = setting.value
+        case .maxFrameSize: self.peerMaxFrameSize = setting.value
+        default: break
+        }
       }
     case .ping(_, ack: true):
       self.pingTimeout?.cancel()
