@@ -209,7 +209,13 @@ struct Reader {
     try self.checkChains(read, nodes: chains)
     var listener = read[0]
     listener.otherChains = Array(read.dropFirst())
-    m.accept("per_connection_buffer_limit_bytes", "traffic_direction", "stat_prefix")
+    if let limit = m.optional("per_connection_buffer_limit_bytes") {
+      let value = try limit.int()
+      guard value >= 1024 else { throw limit.error("per_connection_buffer_limit_bytes below 1024 would stall every call; found \(value)") }
+      listener.bufferLimit = value
+      for i in listener.otherChains.indices { listener.otherChains[i].bufferLimit = value }
+    }
+    m.accept("traffic_direction", "stat_prefix")
     try self.listenerFilters(m)
     try m.finish(known: [], warnings: self.sink)
     return listener

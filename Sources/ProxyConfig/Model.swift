@@ -103,6 +103,10 @@ public struct Listener: Sendable, Hashable {
   /// `common_http_protocol_options.max_headers_count`, 100 by default): above either a request
   /// gets 431, on HTTP/1.1 and HTTP/2.
   public var headerLimits = HeaderLimits()
+  /// The listener's `per_connection_buffer_limit_bytes` (1 MiB by default, as Envoy): how much of
+  /// a call's request or response the proxy holds for a side that is not reading before it stops
+  /// reading the other side.
+  public var bufferLimit = 1 << 20
 
   public init(
     name: String,

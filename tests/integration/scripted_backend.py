@@ -18,7 +18,10 @@ class EarlyAnswerBackend:
     it, then resets the stream with NO_ERROR if the request has not ended. It records how each
     request ended and what it sent."""
 
-    def __init__(self):
+    def __init__(self, read_body=True):
+        # read_body=False: a backend that never takes the request body (no WINDOW_UPDATE), so
+        # the proxy can send it 64 KiB and no more.
+        self.read_body = read_body
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.lock = threading.Lock()
@@ -64,7 +67,8 @@ class EarlyAnswerBackend:
                             ended.add(event.stream_id)
                     elif isinstance(event, h2.events.DataReceived):
                         sid = event.stream_id
-                        conn.acknowledge_received_data(event.flow_controlled_length, sid)
+                        if self.read_body:
+                            conn.acknowledge_received_data(event.flow_controlled_length, sid)
                         bodies.setdefault(sid, bytearray()).extend(event.data)
                         if event.stream_ended:
                             ended.add(sid)

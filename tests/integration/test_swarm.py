@@ -160,7 +160,7 @@ def swarm():
             tasks[address] = Task(address, task_port)
         dns.set("tasks.user", ADDRESSES[:3], ttl=1)
         proxy = start_proxy(swarm_config(port, admin_port, dns.port, task_port), port, args=("-l", os.environ.get("SWARM_LOG_LEVEL", "info")))
-        wait_until(lambda: admin(admin_port, "/clusters").count("::healthy") == 3, 5, "three healthy tasks")
+        wait_until(lambda: admin(admin_port, "/clusters").count("::healthy") == 3, 15, "three healthy tasks")
         yield dns, tasks, task_port, port, admin_port, proxy
     finally:
         if proxy:

@@ -191,4 +191,11 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream, Drainabl
   }
 
   var isWritable: Bool { self.context?.channel.isWritable ?? false }
+
+  /// One call at a time: the connection's reading is the call's request body.
+  func setReadingPaused(_ paused: Bool) {
+    guard let context = self.context else { return }
+    context.channel.setOption(ChannelOptions.autoRead, value: !paused).whenFailure { _ in }
+    if !paused { context.read() }
+  }
 }

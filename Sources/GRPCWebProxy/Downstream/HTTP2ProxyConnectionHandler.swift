@@ -83,7 +83,7 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
         stream.call?.receiveEnd(trailers: headers.headers)
       } else {
         if id > self.lastStreamID { self.lastStreamID = id }
-        let stream = HTTP2DownstreamStream(id: id, connection: self)
+        let stream = HTTP2DownstreamStream(id: id, connection: self, bufferLimit: self.runtime.listener.bufferLimit)
         stream.requestEnded = headers.endStream
         let call = ProxyCall(
           runtime: self.runtime, eventLoop: context.eventLoop, allocator: context.channel.allocator, downstream: stream,
@@ -102,13 +102,10 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
         stream.call?.receiveEnd(trailers: nil)
       }
       if !data.endStream {
-        // Window goes back as the body is passed on (the upstream applies its own flow control).
+        // Window goes back as the body is passed on, unless the backend is not taking it
+        // (HTTP2DownstreamStream.setReadingPaused): then the client stops at the stream window.
         stream.owed += data.data.readableBytes + (data.paddingBytes ?? 0)
-        if stream.owed >= Self.streamWindow / 2 {
-          self.write(HTTP2Frame(streamID: id, payload: .windowUpdate(windowSizeIncrement: stream.owed)))
-          stream.owed = 0
-          self.scheduleFlush()
-        }
+        self.returnWindow(stream)
       }
     case .rstStream:
       self.streams.removeValue(forKey: id)?.clientWentAway()
@@ -130,8 +127,7 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   }
 
   func channelWritabilityChanged(context: ChannelHandlerContext) {
-    let writable = context.channel.isWritable
-    for stream in self.streams.values { stream.call?.downstreamWritabilityChanged(writable) }
+    for stream in self.streams.values { stream.call?.downstreamWritabilityChanged(stream.isWritable) }
     context.fireChannelWritabilityChanged()
   }
 
@@ -185,6 +181,15 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
 
   fileprivate var isWritable: Bool { self.context?.channel.isWritable ?? false }
 
+  fileprivate func returnWindow(_ stream: HTTP2DownstreamStream, force: Bool = false) {
+    guard !stream.readingPaused, !stream.requestEnded, stream.owed > 0,
+      force || stream.owed >= Self.streamWindow / 2
+    else { return }
+    self.write(HTTP2Frame(streamID: stream.id, payload: .windowUpdate(windowSizeIncrement: stream.owed)))
+    stream.owed = 0
+    self.scheduleFlush()
+  }
+
   fileprivate func write(_ frame: HTTP2Frame, promise: EventLoopPromise<Void>? = nil) {
     guard let context = self.context else {
       promise?.fail(ChannelError.ioOnClosedChannel)
@@ -226,10 +231,18 @@ final class HTTP2DownstreamStream: DownstreamStream {
   /// Request body bytes passed on but not yet given back as window.
   var owed = 0
   var requestEnded = false
+  var readingPaused = false
+  /// Response body bytes written to NIOHTTP2 and not yet sent: it holds DATA back while the
+  /// client's window is shut. Above the listener's buffer limit the stream counts as not
+  /// writable, and the call stops giving the backend window (ProxyCall.upstreamData), so a
+  /// client that withholds WINDOW_UPDATE costs at most that and the upstream stream window.
+  private var unsent = 0
+  private let bufferLimit: Int
 
-  init(id: HTTP2StreamID, connection: HTTP2ProxyConnectionHandler) {
+  init(id: HTTP2StreamID, connection: HTTP2ProxyConnectionHandler, bufferLimit: Int) {
     self.id = id
     self.connection = connection
+    self.bufferLimit = bufferLimit
   }
 
   func clientWentAway() {
@@ -247,7 +260,29 @@ final class HTTP2DownstreamStream: DownstreamStream {
   }
 
   func write(body: ByteBuffer, endStream: Bool) {
-    self.write(HTTP2Frame(streamID: self.id, payload: .data(.init(data: .byteBuffer(body), endStream: endStream))), last: endStream)
+    let frame = HTTP2Frame(streamID: self.id, payload: .data(.init(data: .byteBuffer(body), endStream: endStream)))
+    guard !endStream, let loop = self.connection.eventLoop else {
+      self.write(frame, last: endStream)
+      return
+    }
+    let bytes = body.readableBytes
+    self.unsent += bytes
+    let sent = loop.makePromise(of: Void.self)
+    sent.futureResult.assumeIsolated().whenComplete { _ in self.dataSent(bytes) }
+    self.connection.write(frame, promise: sent)
+  }
+
+  private func dataSent(_ bytes: Int) {
+    let wasWritable = self.unsent <= self.bufferLimit
+    self.unsent -= bytes
+    if !wasWritable && self.unsent <= self.bufferLimit / 2 && self.connection.isWritable {
+      self.call?.downstreamWritabilityChanged(true)
+    }
+  }
+
+  func setReadingPaused(_ paused: Bool) {
+    self.readingPaused = paused
+    if !paused { self.connection.returnWindow(self, force: true) }
   }
 
   func writeEnd(trailers: HPACKHeaders?) {
@@ -295,5 +330,5 @@ final class HTTP2DownstreamStream: DownstreamStream {
     self.connection.scheduleFlush()
   }
 
-  var isWritable: Bool { self.connection.isWritable }
+  var isWritable: Bool { self.unsent <= self.bufferLimit && self.connection.isWritable }
 }

@@ -8,6 +8,9 @@ import ProxyConfig
 /// The client side of one call: an HTTP/1.1 connection's current request, or one HTTP/2
 /// stream. The call writes its response through this, whatever the protocol.
 protocol DownstreamStream: AnyObject {
+  /// Stops (or starts again) taking the request body from the client: the backend is not
+  /// taking it as fast as it comes. HTTP/1.1 stops reading the socket, HTTP/2 the stream's window.
+  func setReadingPaused(_ paused: Bool)
   func write(head: ResponseHead, endStream: Bool)
   func write(body: ByteBuffer, endStream: Bool)
   func writeEnd(trailers: HPACKHeaders?)
@@ -100,6 +103,10 @@ final class ProxyCall: UpstreamStreamDelegate {
   private var idleTimeout: TimeAmount?
   private var lastActivity = NIODeadline.uptimeNanoseconds(0)
   private var idleTask: Scheduled<Void>?
+  /// Request body bytes handed to the upstream (or held until its stream opens) and not yet
+  /// sent: above the listener's buffer limit the client is not read until half of it has gone.
+  private var upstreamUnsent = 0
+  private var readingPaused = false
   static let replayableBytes = 64 * 1024
   static let maxReplays = 3
   private var clusterName = ""
@@ -358,6 +365,9 @@ final class ProxyCall: UpstreamStreamDelegate {
     case .success(let stream):
       self.upstreamSlot = (self.clusterName, stream.connection.endpoint)
       self.upstream = .open(stream)
+      // What this attempt has yet to send is what it writes now (a retry sends it again).
+      self.upstreamUnsent = 0
+      for case .data(let d) in pending { self.upstreamUnsent += d.data.readableBytes }
       for frame in pending {
         self.remember(frame)
         stream.write(frame)
@@ -406,6 +416,14 @@ final class ProxyCall: UpstreamStreamDelegate {
     if let downstream = self.downstream, !downstream.isWritable, case .open(let stream) = self.upstream {
       // The client is not keeping up: stop giving the backend window for this stream.
       stream.setPaused(true)
+    }
+  }
+
+  func upstreamDataSent(_ bytes: Int) {
+    self.upstreamUnsent = max(0, self.upstreamUnsent - bytes)
+    if self.readingPaused && self.upstreamUnsent <= self.runtime.listener.bufferLimit / 2 {
+      self.readingPaused = false
+      self.downstream?.setReadingPaused(false)
     }
   }
 
@@ -459,6 +477,18 @@ final class ProxyCall: UpstreamStreamDelegate {
     case .headers(let h) where h.endStream: self.requestSentEnd = true
     case .data(let d) where d.endStream: self.requestSentEnd = true
     default: break
+    }
+    if case .data(let d) = frame {
+      switch self.upstream {
+      case .opening, .open:
+        self.upstreamUnsent += d.data.readableBytes
+        if !self.readingPaused && self.upstreamUnsent > self.runtime.listener.bufferLimit {
+          self.readingPaused = true
+          self.downstream?.setReadingPaused(true)
+        }
+      case .none, .closed:
+        break
+      }
     }
     switch self.upstream {
     case .opening(var pending):
@@ -666,6 +696,11 @@ final class ProxyCall: UpstreamStreamDelegate {
   /// The response has ended: stop the timer, cancel the upstream stream if it is still open, and
   /// give back the call's slot on its cluster.
   private func cleanUp() {
+    if self.readingPaused {
+      // The rest of the request is read and dropped (or, on HTTP/1.1, the next one read).
+      self.readingPaused = false
+      self.downstream?.setReadingPaused(false)
+    }
     self.deadlineTask?.cancel()
     self.deadlineTask = nil
     self.perTryTask?.cancel()

@@ -18,12 +18,17 @@ protocol UpstreamStreamDelegate: AnyObject {
   /// SETTINGS_MAX_HEADER_LIST_SIZE, or too big for one frame); nothing was sent and the
   /// connection carries on.
   func upstreamRefusedHeaders(_ message: String)
+  /// `bytes` of request body written earlier have left for the backend (NIOHTTP2 holds DATA
+  /// back while the backend's window is shut, and completes the write when it goes out).
+  func upstreamDataSent(_ bytes: Int)
 }
 
 extension UpstreamStreamDelegate {
   func upstreamRefusedHeaders(_ message: String) {
     self.upstreamClosed(reason: message, unprocessed: false)
   }
+
+  func upstreamDataSent(_ bytes: Int) {}
 }
 
 /// A call's stream on an upstream connection: the handle the call writes through.
@@ -299,7 +304,14 @@ final class UpstreamConnection {
       self.closeIfDrained()
       return
     }
-    if case .headers = payload {
+    if case .data(let data) = payload, data.data.readableBytes > 0 {
+      // Told when it is out, so that the call reads its client no faster than the backend takes
+      // the body (ProxyCall.sendUpstream).
+      let bytes = data.data.readableBytes
+      let p = context.eventLoop.makePromise(of: Void.self)
+      p.futureResult.assumeIsolated().whenComplete { _ in self.streams[id]?.delegate.upstreamDataSent(bytes) }
+      promise = p
+    } else if case .headers = payload {
       // The stream starts with this frame; if NIOHTTP2 refuses it (after a GOAWAY, say), the
       // call must hear so rather than wait for a response that cannot come.
       let p = context.eventLoop.makePromise(of: Void.self)
