@@ -94,6 +94,7 @@ public final class ProxyServer: Service {
       registry[ObjectIdentifier(loop)] = state
     }
     let loops = registry
+    let limits = ConnectionLimits(global: config.maxDownstreamConnections)
 
     let threadPool = NIOThreadPool(numberOfThreads: 1)
     threadPool.start()
@@ -111,7 +112,7 @@ public final class ProxyServer: Service {
     var bound: [BoundListener] = []
     do {
       for (index, listener) in config.listeners.enumerated() {
-        let channel = try await self.bind(listener, index: index, loops: loops, tls: tls.listeners[index])
+        let channel = try await self.bind(listener, index: index, loops: loops, tls: tls.listeners[index], limits: limits)
         channels.append(channel)
         let port = channel.localAddress?.port ?? listener.address.port
         bound.append(BoundListener(name: listener.name, host: listener.address.host, port: port))
@@ -261,9 +262,12 @@ public final class ProxyServer: Service {
   }
 
   private func bind(
-    _ listener: Listener, index: Int, loops: [ObjectIdentifier: NIOLoopBound<LoopState>], tls: TLSListener?
+    _ listener: Listener, index: Int, loops: [ObjectIdentifier: NIOLoopBound<LoopState>], tls: TLSListener?,
+    limits: ConnectionLimits
   ) async throws -> any Channel {
     let codec = listener.codec
+    let maxConnections = listener.maxConnections
+    let status = self.status
     let bootstrap = ServerBootstrap(group: self.group)
       .serverChannelOption(.backlog, value: 1024)
       .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -275,6 +279,12 @@ public final class ProxyServer: Service {
             throw ProxyError(message: "connection on an unknown event loop")
           }
           let runtimes = state.value.listeners[index]
+          guard limits.admit(listener: index, limit: maxConnections) else {
+            // Closed as it arrives, before a byte is read: the limit bounds what clients can hold.
+            status.count("listener.\(listener.name).downstream_cx_overflow")
+            throw ProxyError(message: "listener '\(listener.name)': connection limit reached")
+          }
+          channel.closeFuture.whenComplete { _ in limits.release(listener: index) }
           if let tls {
             try DownstreamTLSPipeline.configure(channel, listener: tls, codec: { runtimes[$0].listener.codec }) { context, chain, proto in
               switch proto {
@@ -291,7 +301,8 @@ public final class ProxyServer: Service {
           case .http2:
             try Self.configureHTTP2(channel.pipeline.syncOperations, runtime: runtime)
           case .auto:
-            let detector = ProtocolDetector { context, proto in
+            let idle = runtime.listener.idleTimeout.map { TimeAmount.nanoseconds($0.nanoseconds) }
+            let detector = ProtocolDetector(idleTimeout: idle) { context, proto in
               switch proto {
               case .http1: try Self.configureHTTP1(context.pipeline.syncOperations, runtime: runtime)
               case .http2: try Self.configureHTTP2(context.pipeline.syncOperations, runtime: runtime)
@@ -337,10 +348,16 @@ public final class ProxyServer: Service {
     limits.maxHeaderFieldSize = runtime.listener.headerLimits.maxBytes
     limits.maxHeaderListSize = runtime.listener.headerLimits.maxBytes
     limits.maxHeaderFieldCount = runtime.listener.headerLimits.maxCount
+    let handler = HTTP1ProxyHandler(runtime: runtime, scheme: scheme)
+    if let timeout = runtime.listener.requestHeadersTimeout {
+      // Right before the decoder: after TLS and protocol detection, so it sees every byte the
+      // decoder sees, and its 408 is encrypted like any answer.
+      try pipeline.addHandler(RequestBytesWatcher(handler, timeout: .nanoseconds(timeout.nanoseconds)))
+    }
     try pipeline.configureHTTPServerPipeline(
       withPipeliningAssistance: true, withErrorHandling: false, withOutboundHeaderValidation: true,
       withEncoderConfiguration: .init(), withDecoderLimitConfiguration: limits)
-    try pipeline.addHandler(HTTP1ProxyHandler(runtime: runtime, scheme: scheme))
+    try pipeline.addHandler(handler)
   }
 
   static func configureHTTP2(

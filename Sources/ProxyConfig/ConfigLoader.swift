@@ -134,7 +134,8 @@ struct Reader {
     if let dynamic = top.optional("dynamic_resources") {
       throw dynamic.error("dynamic_resources (xDS) is not supported: configure listeners and clusters in static_resources")
     }
-    top.accept("overload_manager", "stats_sinks", "stats_config", "watchdog", "tracing")
+    let maxDownstream = try self.globalConnectionLimit(top.optional("overload_manager"))
+    top.accept("stats_sinks", "stats_config", "watchdog", "tracing")
     try top.finish(known: [], warnings: self.sink)
 
     var clusters: [Cluster] = []
@@ -159,7 +160,9 @@ struct Reader {
       listeners.append(listener)
     }
     try resources.finish(known: [], warnings: self.sink)
-    return ProxyConfiguration(listeners: listeners, clusters: clusters, admin: admin)
+    var configuration = ProxyConfiguration(listeners: listeners, clusters: clusters, admin: admin)
+    configuration.maxDownstreamConnections = maxDownstream
+    return configuration
   }
 
   func admin(_ node: YAMLValue) throws(ConfigError) -> Admin {
@@ -222,6 +225,27 @@ struct Reader {
   }
 
   /// One filter chain: its match, its transport socket and its http_connection_manager.
+  /// The overload manager's global connection limit; its other monitors and actions are taken
+  /// as written and not acted on.
+  func globalConnectionLimit(_ node: YAMLValue?) throws(ConfigError) -> Int? {
+    guard let node else { return nil }
+    let m = try node.mapping()
+    var limit: Int?
+    for monitor in (try m.optional("resource_monitors")?.sequence()) ?? [] {
+      let mm = try monitor.mapping()
+      let name = try mm.optional("name")?.string() ?? ""
+      let (body, type) = try monitor.extensionConfig(in: mm)
+      guard name.contains("global_downstream_max_connections") || (type?.contains("DownstreamConnectionsConfig") ?? false),
+        let body
+      else { continue }
+      let value = try body.required("max_active_downstream_connections")
+      limit = try value.int()
+      guard limit! >= 1 else { throw value.error("max_active_downstream_connections must be at least 1") }
+    }
+    for key in m.keys { m.accept(key) }
+    return limit
+  }
+
   func filterChain(_ node: YAMLValue, name: String, address: HostAndPort, clusters: [Cluster]) throws(ConfigError) -> Listener {
     let chain = try node.mapping()
     let filtersNode = try chain.required("filters")
@@ -234,6 +258,7 @@ struct Reader {
       filters = try filtersNode.sequence()
     }
     var hcm: Listener?
+    var maxConnections: Int?
     for filter in filters {
       let fm = try filter.mapping()
       let filterName = try fm.optional("name")?.string() ?? ""
@@ -242,6 +267,19 @@ struct Reader {
       let isHCM =
         filterName == "envoy.filters.network.http_connection_manager" || filterName == "envoy.http_connection_manager"
         || (type?.hasSuffix("HttpConnectionManager") ?? false)
+      if filterName == "envoy.filters.network.connection_limit" || (type?.hasSuffix("connection_limit.v3.ConnectionLimit") ?? false),
+        let body
+      {
+        let cm = body
+        let limit = try cm.required("max_connections")
+        maxConnections = try limit.int()
+        guard maxConnections! >= 1 else { throw limit.error("max_connections must be at least 1") }
+        cm.accept("stat_prefix", "@type")
+        cm.unsupported("delay", "connection_limit's delay is not applied: connections over the limit are closed at once", into: self.sink)
+        cm.unsupported("runtime_enabled", "connection_limit's runtime_enabled is ignored: the limit is always on", into: self.sink)
+        try cm.finish(known: [], warnings: self.sink)
+        continue
+      }
       guard isHCM else {
         self.sink.add(filter, "network filter '\(filterName)' is not supported and is ignored")
         continue
@@ -254,6 +292,7 @@ struct Reader {
     guard var listener = hcm else {
       throw filtersNode.error("no http_connection_manager filter in this filter chain: nothing to serve")
     }
+    listener.maxConnections = maxConnections
     listener.serverNames = try self.filterChainMatch(chain)
     listener.tls = try self.downstreamTLS(chain)
     try chain.finish(known: ["name"], warnings: self.sink)
@@ -272,6 +311,8 @@ struct Reader {
       "skip_xff_append", "via", "forward_client_cert_details", "set_current_client_cert_details", "tracing")
     let codec = try m.optional("codec_type")?.enumeration(CodecType.self) ?? .auto
     let streamIdle = try m.optional("stream_idle_timeout")?.duration()
+    let headersTimeout = try m.optional("request_headers_timeout")?.duration()
+    var idleTimeout: ProxyDuration? = .seconds(3600)
     var limits = HeaderLimits()
     if let kb = m.optional("max_request_headers_kb") {
       let value = try kb.int()
@@ -285,6 +326,9 @@ struct Reader {
         let value = try count.int()
         guard value >= 1 else { throw count.error("max_headers_count must be at least 1, found \(value)") }
         limits.maxCount = value
+      }
+      if let idle = try cm.optional("idle_timeout")?.duration() {
+        idleTimeout = idle.isZero ? nil : idle
       }
       // The rest of these options (idle_timeout, max_stream_duration, ...) are taken as Envoy's
       // users write them and not acted on here.
@@ -342,6 +386,8 @@ struct Reader {
     )
     if let streamIdle, !streamIdle.isZero { listener.streamIdleTimeout = streamIdle }
     listener.headerLimits = limits
+    listener.idleTimeout = idleTimeout
+    if let headersTimeout, !headersTimeout.isZero { listener.requestHeadersTimeout = headersTimeout }
     return listener
   }
 

@@ -27,6 +27,10 @@ public struct ProxyConfiguration: Sendable, Hashable {
   public var listeners: [Listener]
   public var clusters: [Cluster]
   public var admin: Admin?
+  /// The overload manager's `envoy.resource_monitors.global_downstream_max_connections`
+  /// (`max_active_downstream_connections`): client connections beyond it, over all listeners,
+  /// are closed as they arrive.
+  public var maxDownstreamConnections: Int?
 
   public init(listeners: [Listener], clusters: [Cluster], admin: Admin? = nil) {
     self.listeners = listeners
@@ -107,6 +111,16 @@ public struct Listener: Sendable, Hashable {
   /// a call's request or response the proxy holds for a side that is not reading before it stops
   /// reading the other side.
   public var bufferLimit = 1 << 20
+  /// `common_http_protocol_options.idle_timeout`: a client connection with no call in progress
+  /// for this long is closed (HTTP/2 with a GOAWAY first). Envoy's default is 1 hour; nil is
+  /// never (a zero in the config).
+  public var idleTimeout: ProxyDuration? = .seconds(3600)
+  /// `request_headers_timeout`: a request whose head has begun must be complete within this, or
+  /// the connection gets 408 and is closed. nil (Envoy's default) is no limit.
+  public var requestHeadersTimeout: ProxyDuration?
+  /// The `envoy.filters.network.connection_limit` filter's `max_connections`: connections
+  /// beyond it are closed as they arrive.
+  public var maxConnections: Int?
 
   public init(
     name: String,

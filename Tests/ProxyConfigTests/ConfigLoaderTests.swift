@@ -97,6 +97,48 @@ let sharedAvailable = FileManager.default.fileExists(atPath: sharedDirectory.app
     }
   }
 
+  @Test func connectionTimersAndLimitsDefaultToEnvoysAndAreRead() throws {
+    let plain = try ConfigLoader.load(yaml: Self.minimal(connectTimeout: "1s")).configuration
+    #expect(plain.listeners[0].idleTimeout == .seconds(3600))
+    #expect(plain.listeners[0].requestHeadersTimeout == nil)
+    #expect(plain.listeners[0].maxConnections == nil)
+    #expect(plain.maxDownstreamConnections == nil)
+    let yaml = Self.minimal(connectTimeout: "1s")
+      .replacingOccurrences(
+        of: "          stat_prefix: x\n",
+        with: "          stat_prefix: x\n          request_headers_timeout: 2s\n          common_http_protocol_options: { idle_timeout: 0s }\n")
+      .replacingOccurrences(
+        of: "    - filters:\n",
+        with: "    - filters:\n      - name: envoy.filters.network.connection_limit\n        typed_config: { stat_prefix: c, max_connections: 7 }\n")
+      + """
+
+      overload_manager:
+        resource_monitors:
+        - name: envoy.resource_monitors.global_downstream_max_connections
+          typed_config: { max_active_downstream_connections: 9 }
+
+      """
+    let set = try ConfigLoader.load(yaml: yaml).configuration
+    #expect(set.listeners[0].idleTimeout == nil)  // 0s: never, as in Envoy
+    #expect(set.listeners[0].requestHeadersTimeout == .seconds(2))
+    #expect(set.listeners[0].maxConnections == 7)
+    #expect(set.maxDownstreamConnections == 9)
+  }
+
+  @Test func aZeroConnectionLimitNamesPathAndLine() {
+    let yaml = Self.minimal(connectTimeout: "1s").replacingOccurrences(
+      of: "    - filters:\n",
+      with: "    - filters:\n      - name: envoy.filters.network.connection_limit\n        typed_config:\n          max_connections: 0\n")
+    do {
+      _ = try ConfigLoader.load(yaml: yaml)
+      Issue.record("expected an error")
+    } catch {
+      #expect(error.path.hasSuffix("max_connections"))
+      #expect(error.line == 10)
+      #expect(error.description.contains("at least 1"))
+    }
+  }
+
   @Test func unknownClusterInRouteIsAnError() {
     let yaml = Self.minimal(connectTimeout: "1s").replacingOccurrences(of: "cluster: backend", with: "cluster: nowhere")
     #expect(throws: ConfigError.self) { try ConfigLoader.load(yaml: yaml) }

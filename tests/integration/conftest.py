@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
 import envoy_yaml  # noqa: E402
@@ -105,10 +106,23 @@ ROUTES = """
                 direct_response: { status: 403, body: { inline_string: "reflection is off" } }"""
 
 
+def _admin_port(text):
+    try:
+        loaded = yaml.safe_load(text)
+        return int(loaded["admin"]["address"]["socket_address"]["port_value"])
+    except (yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
+
+
 def start_proxy(text, port, args=(), privileged=False):
     p = Proxy(text, args, privileged)
     try:
         wait_for_port(port, p.proc)
+        # The admin port is bound after the listeners (it must not say ready before they are):
+        # a test that asks it something right away would race it.
+        admin = _admin_port(text)
+        if admin:
+            wait_for_port(admin, p.proc)
     except Exception:
         out = p.output()
         p.stop()

@@ -20,8 +20,15 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream, Drainabl
   /// Bytes of a Content-Length request body still to come: its last piece ends the request
   /// upstream in the same frame (see ProxyCall.receiveBody). Nil for a chunked body.
   private var bodyRemaining: Int?
+  /// From a request's head to its end: its body may still be arriving after an early answer.
+  private var requestOpen = false
   /// A bad request was answered: what else arrives is dropped until the connection closes.
   private var lingering = false
+  /// `idle_timeout`: the connection closes after this long with no request in progress.
+  private var lastActivity = NIODeadline.now()
+  private var idleTask: Scheduled<Void>?
+  /// Set with a `request_headers_timeout`: times each request head from its first byte.
+  weak var headWatcher: RequestBytesWatcher?
 
   private let scheme: String
 
@@ -33,16 +40,47 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream, Drainabl
   func handlerAdded(context: ChannelHandlerContext) {
     self.context = context
     self.runtime.connections.add(self)
+    if let idle = self.runtime.listener.idleTimeout { self.scheduleIdleCheck(in: .nanoseconds(idle.nanoseconds)) }
   }
 
   func handlerRemoved(context: ChannelHandlerContext) {
     self.context = nil
     self.runtime.connections.remove(self)
+    self.idleTask?.cancel()
+  }
+
+  private func scheduleIdleCheck(in delay: TimeAmount) {
+    guard let context = self.context else { return }
+    self.idleTask = context.eventLoop.assumeIsolated().scheduleTask(in: delay) {
+      guard let idle = self.runtime.listener.idleTimeout, let context = self.context else { return }
+      let quiet = NIODeadline.now() - self.lastActivity
+      let limit = TimeAmount.nanoseconds(idle.nanoseconds)
+      // A head in progress is a request (request_headers_timeout answers it), not idleness.
+      let quietNow = self.responseEnded && !(self.headWatcher?.timing ?? false)
+      if quietNow && quiet >= limit {
+        context.close(promise: nil)
+      } else {
+        self.scheduleIdleCheck(in: quietNow ? limit - quiet : limit)
+      }
+    }
+  }
+
+  /// Whether a request head may begin now (RequestBytesWatcher times it): no request is in
+  /// progress and the connection is not answering a bad one.
+  var awaitingRequest: Bool { self.responseEnded && !self.requestOpen && !self.lingering && self.context != nil }
+
+  /// The head did not arrive within `request_headers_timeout`: the watcher answered 408 below
+  /// the HTTP codec (whose pipelining state has no request to answer) and closes.
+  func requestHeadTimedOut() {
+    self.responseEnded = false
+    self.lingering = true
   }
 
   func channelRead(context: ChannelHandlerContext, data: NIOAny) {
     switch self.unwrapInboundIn(data) {
     case .head(let head):
+      self.headWatcher?.headArrived()
+      self.requestOpen = true
       self.keepAlive = head.isKeepAlive && !self.draining
       self.responseEnded = false
       var headers = HPACKHeaders()
@@ -73,6 +111,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream, Drainabl
         self.call?.receiveBody(buffer)
       }
     case .end(let trailers):
+      self.requestOpen = false
       var hpack: HPACKHeaders?
       if let trailers, !trailers.isEmpty {
         hpack = HPACKHeaders(trailers.map { ($0.name.lowercased(), $0.value) })
@@ -165,6 +204,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream, Drainabl
   private func end(context: ChannelHandlerContext, trailers: HTTPHeaders?) {
     guard !self.responseEnded else { return }
     self.responseEnded = true
+    if self.runtime.listener.idleTimeout != nil { self.lastActivity = .now() }
     if self.keepAlive {
       context.write(self.wrapOutboundOut(.end(trailers)), promise: nil)
     } else {
@@ -197,5 +237,65 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream, Drainabl
     guard let context = self.context else { return }
     context.channel.setOption(ChannelOptions.autoRead, value: !paused).whenFailure { _ in }
     if !paused { context.read() }
+  }
+}
+
+/// Ahead of NIO's HTTP/1.1 decoder when the listener has a `request_headers_timeout`: times a
+/// request head from its first byte (before the decoder has a whole head) and, if it is late,
+/// answers Envoy's 408 itself. The answer cannot go through the HTTP codec: its pipelining
+/// handler has no request yet to answer and would trap.
+final class RequestBytesWatcher: ChannelDuplexHandler {
+  typealias InboundIn = ByteBuffer
+  typealias InboundOut = ByteBuffer
+  typealias OutboundIn = ByteBuffer
+  typealias OutboundOut = ByteBuffer
+
+  private weak var handler: HTTP1ProxyHandler?
+  private let timeout: TimeAmount
+  private var timer: Scheduled<Void>?
+  private var context: ChannelHandlerContext?
+
+  /// A head has begun and not yet arrived whole.
+  var timing: Bool { self.timer != nil }
+
+  init(_ handler: HTTP1ProxyHandler, timeout: TimeAmount) {
+    self.handler = handler
+    self.timeout = timeout
+    handler.headWatcher = self
+  }
+
+  func handlerAdded(context: ChannelHandlerContext) {
+    self.context = context
+  }
+
+  func handlerRemoved(context: ChannelHandlerContext) {
+    self.timer?.cancel()
+    self.timer = nil
+    self.context = nil
+  }
+
+  func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+    if self.timer == nil, self.handler?.awaitingRequest ?? false {
+      self.timer = context.eventLoop.assumeIsolated().scheduleTask(in: self.timeout) { self.timedOut() }
+    }
+    context.fireChannelRead(data)
+  }
+
+  func headArrived() {
+    self.timer?.cancel()
+    self.timer = nil
+  }
+
+  private func timedOut() {
+    self.timer = nil
+    guard let context = self.context, let handler = self.handler, handler.awaitingRequest else { return }
+    handler.requestHeadTimedOut()
+    let body = "request header timeout"
+    var answer = context.channel.allocator.buffer(capacity: 128)
+    answer.writeString(
+      "HTTP/1.1 408 Request Timeout\r\ncontent-length: \(body.utf8.count)\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n\(body)")
+    context.writeAndFlush(self.wrapOutboundOut(answer)).assumeIsolated().whenComplete { _ in
+      context.close(promise: nil)
+    }
   }
 }

@@ -24,6 +24,8 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   /// The highest stream the client opened: what GOAWAY names as the last one processed.
   private var lastStreamID = HTTP2StreamID(0)
   private var draining = false
+  private var lastActivity = NIODeadline.now()
+  private var idleTask: Scheduled<Void>?
 
   /// `https` behind TLS (see ProxyCall.connectionScheme).
   private let scheme: String
@@ -58,6 +60,7 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   func handlerAdded(context: ChannelHandlerContext) {
     self.context = context
     self.runtime.connections.add(self)
+    if let idle = self.runtime.listener.idleTimeout { self.scheduleIdleCheck(in: .nanoseconds(idle.nanoseconds)) }
     // Added after protocol detection, the channel is already active (and NIOHTTP2 has sent
     // its preface): channelActive will not come.
     if context.channel.isActive { self.raiseConnectionWindow(context: context, from: 65_535) }
@@ -66,6 +69,23 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   func handlerRemoved(context: ChannelHandlerContext) {
     self.context = nil
     self.runtime.connections.remove(self)
+    self.idleTask?.cancel()
+  }
+
+  /// `idle_timeout`: with no stream open for that long, the connection ends as in a drain
+  /// (GOAWAY, then close).
+  private func scheduleIdleCheck(in delay: TimeAmount) {
+    guard let context = self.context else { return }
+    self.idleTask = context.eventLoop.assumeIsolated().scheduleTask(in: delay) {
+      guard let idle = self.runtime.listener.idleTimeout, self.context != nil, !self.draining else { return }
+      let limit = TimeAmount.nanoseconds(idle.nanoseconds)
+      let quiet = NIODeadline.now() - self.lastActivity
+      if self.streams.isEmpty && quiet >= limit {
+        self.startDrain()
+      } else {
+        self.scheduleIdleCheck(in: self.streams.isEmpty ? limit - quiet : limit)
+      }
+    }
   }
 
   func channelActive(context: ChannelHandlerContext) {
@@ -203,6 +223,7 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   /// The stream's response has ended; forget it (a late reset by the client finds nothing).
   fileprivate func finished(_ id: HTTP2StreamID) {
     self.streams.removeValue(forKey: id)
+    if self.streams.isEmpty && self.runtime.listener.idleTimeout != nil { self.lastActivity = .now() }
     if self.draining { self.closeIfDrained() }
   }
 

@@ -11,9 +11,26 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
   private static let preface = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
   private var buffered: ByteBuffer?
   private let configure: (ChannelHandlerContext, Detected) throws -> Void
+  /// The listener's `idle_timeout`: a connection that never sends enough to be told apart (a
+  /// silent one, or a few bytes of the preface) holds no request, so it is idle and closes then.
+  private let idleTimeout: TimeAmount?
+  private var idleTask: Scheduled<Void>?
 
-  init(configure: @escaping (ChannelHandlerContext, Detected) throws -> Void) {
+  init(idleTimeout: TimeAmount? = nil, configure: @escaping (ChannelHandlerContext, Detected) throws -> Void) {
+    self.idleTimeout = idleTimeout
     self.configure = configure
+  }
+
+  func handlerAdded(context: ChannelHandlerContext) {
+    guard let idleTimeout else { return }
+    self.idleTask = context.eventLoop.assumeIsolated().scheduleTask(in: idleTimeout) {
+      context.close(promise: nil)
+    }
+  }
+
+  func handlerRemoved(context: ChannelHandlerContext) {
+    self.idleTask?.cancel()
+    self.idleTask = nil
   }
 
   func channelRead(context: ChannelHandlerContext, data: NIOAny) {
