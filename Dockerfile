@@ -6,6 +6,18 @@
 #
 # `docker compose build` builds all three with the names docker-compose.yml uses. A plain
 # `docker build .` builds the last target, the proxy.
+#
+# Without Docker Hub or GitHub (no swift image, no `swift package resolve`), the two binaries can be
+# built on the host instead and packaged as they are: the runtime stages are the same either way.
+# The host's C library must be that of RUNTIME_IMAGE, and this path needs BuildKit
+# (DOCKER_BUILDKIT=1, or buildx), which builds only the stages the target uses:
+#
+#   swift build -c release --static-swift-stdlib --product grpc-web-proxy
+#   swift build -c release --static-swift-stdlib --product user-service
+#   cp .build/release/grpc-web-proxy .build/release/user-service deploy/prebuilt/
+#   strip deploy/prebuilt/grpc-web-proxy deploy/prebuilt/user-service
+#   DOCKER_BUILDKIT=1 docker build --build-arg BINARIES=prebuilt \
+#     --build-arg RUNTIME_IMAGE=debian:bookworm --target proxy -t grpc-web-proxy .
 
 # The build and the runtime use the same Ubuntu release, 24.04 "noble", named in the tag rather
 # than left to the plain `swift:6.3`, whose distribution is whichever one Swift makes the default.
@@ -14,6 +26,8 @@
 ARG SWIFT_IMAGE=swift:6.3-noble
 ARG RUNTIME_IMAGE=ubuntu:noble
 ARG WEB_IMAGE=nginx:alpine
+# Where the binaries come from: `build` (the build stage below) or `prebuilt` (deploy/prebuilt/).
+ARG BINARIES=build
 
 # ---------------------------------------------------------------------------------------------
 # Build: both executables, release mode, Swift standard library and Foundation linked statically.
@@ -37,6 +51,14 @@ RUN swift build -c release --static-swift-stdlib --product grpc-web-proxy \
  && strip /staging/grpc-web-proxy /staging/user-service
 
 # ---------------------------------------------------------------------------------------------
+# Or binaries built outside Docker, copied from deploy/prebuilt/ (kept out of git; see the top).
+FROM scratch AS prebuilt
+COPY deploy/prebuilt/ /staging/
+
+# The stage the runtime images copy the binaries from: `build` unless BINARIES says otherwise.
+FROM ${BINARIES} AS binaries
+
+# ---------------------------------------------------------------------------------------------
 # Runtime base: plain Ubuntu with the few system libraries the binaries link, and a fixed
 # non-root user (numeric, so Kubernetes' runAsNonRoot can check it).
 FROM ${RUNTIME_IMAGE} AS runtime
@@ -52,7 +74,7 @@ RUN export DEBIAN_FRONTEND=noninteractive \
 # The demo.User service (also demo.Echo and grpc.health.v1) on plaintext HTTP/2, port 50051.
 # On SIGTERM it reports NOT_SERVING and finishes its calls.
 FROM runtime AS user-service
-COPY --from=build /staging/user-service /usr/local/bin/user-service
+COPY --from=binaries /staging/user-service /usr/local/bin/user-service
 USER 10001:10001
 EXPOSE 50051
 STOPSIGNAL SIGTERM
@@ -77,7 +99,7 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
 # as a config, Kubernetes as a ConfigMap. On SIGTERM it drains (--drain-time-s, 5 s by default)
 # and exits 0.
 FROM runtime AS proxy
-COPY --from=build /staging/grpc-web-proxy /usr/local/bin/grpc-web-proxy
+COPY --from=binaries /staging/grpc-web-proxy /usr/local/bin/grpc-web-proxy
 COPY deploy/stack/envoy.yaml /etc/grpc-web-proxy/envoy.yaml
 COPY web-demo/ /usr/share/grpc-web-proxy/web-demo/
 USER 10001:10001

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
-from processes import free_port, wait_for_port  # noqa: E402
+from processes import assert_unprivileged, free_port, share, unprivileged, wait_for_port  # noqa: E402
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed: python3 -m pip install pyyaml")
 
@@ -323,18 +323,22 @@ def test_stack_proxy_config_serves_the_page_origin_on_loopback(tmp_path):
     assert str(backend) in text and "0.0.0.0" not in text
     config = tmp_path / "envoy.yaml"
     config.write_text(text)
+    share(config)
 
+    # As in the images: an ordinary user with no capabilities (tests/support/processes.py).
     procs = []
     try:
         user = subprocess.Popen(
-            [str(USER_SERVICE_BIN), "--host", "127.0.0.1", "--port", str(backend), "--replica", "stack-r1"],
+            unprivileged([USER_SERVICE_BIN, "--host", "127.0.0.1", "--port", backend, "--replica", "stack-r1"]),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         procs.append(user)
         wait_for_port(backend, user)
-        proxy = subprocess.Popen([str(PROXY_BIN), "-c", str(config)],
+        proxy = subprocess.Popen(unprivileged([PROXY_BIN, "-c", config]),
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         procs.append(proxy)
         wait_for_port(listen, proxy)
+        assert_unprivileged(user.pid, "the User service")
+        assert_unprivileged(proxy.pid, "the proxy")
 
         origin = "http://localhost:8000"
         conn = http.client.HTTPConnection("127.0.0.1", listen, timeout=10)
