@@ -15,13 +15,26 @@ public enum CORS {
   }
 
   public static func evaluate(policy: CORSPolicy?, method: String, headers: HPACKHeaders) -> Decision {
+    Self.evaluate(policy: policy, method: method, headers: headers, originRegexes: [])
+  }
+
+  /// - Parameter originRegexes: the policy's `allow_origin_string_match` regexes compiled once
+  ///   (RouteTable.Entry), index for index; a missing one is compiled for this call.
+  static func evaluate(policy: CORSPolicy?, method: String, headers: HPACKHeaders, originRegexes: [CompiledRegex?]) -> Decision {
     guard let policy else { return .none }
     if let percent = policy.enabledPercent, percent < 100 {
       guard percent > 0, Double.random(in: 0..<100) < percent else { return .none }
     }
     guard let origin = headers.first(name: "origin"), !origin.isEmpty else { return .none }
     let matchers = policy.allowOrigins ?? []
-    let allowed = matchers.contains { $0.matches(origin) || $0.matches("*") }
+    var allowed = false
+    for (i, matcher) in matchers.enumerated() {
+      let regex = i < originRegexes.count ? originRegexes[i] : nil
+      if matcher.matches(origin, regex: regex) || matcher.matches("*", regex: regex) {
+        allowed = true
+        break
+      }
+    }
     let requestMethod = headers.first(name: "access-control-request-method") ?? ""
     let isPreflight = method == "OPTIONS" && !requestMethod.isEmpty
 

@@ -17,6 +17,14 @@ public struct RouteTable: Sendable {
     fileprivate var headerRegexes: [CompiledRegex?]
     fileprivate var queryRegexes: [CompiledRegex?] = []
     fileprivate var rewriteRegex: CompiledRegex?
+    /// The CORS policy's origin regexes, compiled once: compiling one per request cost more
+    /// than the rest of the filter.
+    fileprivate var corsOriginRegexes: [CompiledRegex?] = []
+
+    /// Envoy's cors filter for a request on this route.
+    public func evaluateCORS(method: String, headers: HPACKHeaders) -> CORS.Decision {
+      CORS.evaluate(policy: self.cors, method: method, headers: headers, originRegexes: self.corsOriginRegexes)
+    }
 
     /// The path sent upstream: `prefix_rewrite` or `regex_rewrite` applied, the query kept.
     public func upstreamPath(_ path: String) -> String {
@@ -77,12 +85,17 @@ public struct RouteTable: Sendable {
           }
           return nil
         }
+        let corsOriginRegexes = (cors?.allowOrigins ?? []).map { sm -> CompiledRegex? in
+          if case .regex(let pattern) = sm.kind { return CompiledRegex(pattern, caseInsensitive: sm.ignoreCase) }
+          return nil
+        }
         return Entry(
           route: route, cors: cors,
           requestHeaders: levels([route.requestHeaders, vh.requestHeaders, config.requestHeaders]),
           responseHeaders: levels([route.responseHeaders, vh.responseHeaders, config.responseHeaders]),
           regex: regex, headerRegexes: headerRegexes, queryRegexes: queryRegexes,
-          rewriteRegex: route.regexRewrite.map { CompiledRegex($0.pattern, caseInsensitive: false) })
+          rewriteRegex: route.regexRewrite.map { CompiledRegex($0.pattern, caseInsensitive: false) },
+          corsOriginRegexes: corsOriginRegexes)
       }
       self.hosts.append(Host(virtualHost: vh, entries: entries))
       for domain in vh.domains.map({ $0.lowercased() }) {
@@ -201,12 +214,29 @@ public struct RouteTable: Sendable {
 struct CompiledRegex: @unchecked Sendable {
   // NSRegularExpression is immutable once made, and safe to use from any thread.
   let regex: NSRegularExpression?
+  /// `.*`, the usual "any origin" of CORS policies: it matches any text without a line break,
+  /// and header values have none (both codecs reject CR and LF in them), so no engine is run.
+  private let matchesAnyLine: Bool
 
   init(_ pattern: String, caseInsensitive: Bool) {
     self.regex = try? NSRegularExpression(pattern: pattern, options: caseInsensitive ? [.caseInsensitive] : [])
+    self.matchesAnyLine = pattern == ".*"
+  }
+
+  /// ICU's `.` stops at \n, \r, U+0085, U+2028 and U+2029.
+  private static func hasLineTerminator(_ text: String) -> Bool {
+    var previous: (UInt8, UInt8) = (0, 0)
+    for byte in text.utf8 {
+      if byte == 0x0A || byte == 0x0D { return true }
+      if previous.1 == 0xC2 && byte == 0x85 { return true }
+      if previous == (0xE2, 0x80) && (byte == 0xA8 || byte == 0xA9) { return true }
+      previous = (previous.1, byte)
+    }
+    return false
   }
 
   func wholeMatch(_ text: String) -> Bool {
+    if self.matchesAnyLine { return !Self.hasLineTerminator(text) }
     guard let regex else { return false }
     let range = NSRange(text.startIndex..., in: text)
     guard let m = regex.firstMatch(in: text, options: [.anchored], range: range) else { return false }

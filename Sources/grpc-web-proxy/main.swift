@@ -35,7 +35,7 @@ struct GRPCWebProxyCommand: AsyncParsableCommand {
   @Option(name: [.customShort("l"), .customLong("log-level")], help: "trace, debug, info, warning, error or critical.")
   var logLevel: String = "info"
 
-  @Option(name: .long, help: "Event loop threads (Envoy's worker count). Default: one per core.")
+  @Option(name: .long, help: "Event loop threads (Envoy's worker count). Default: one per CPU the process may use (its affinity mask, capped by a cgroup CPU quota).")
   var concurrency: Int?
 
   @Option(name: .long, help: "Embedded default only: the address the proxy listens on.")
@@ -127,7 +127,7 @@ struct GRPCWebProxyCommand: AsyncParsableCommand {
   }
 
   private func serve(_ configuration: ProxyConfiguration, logger: Logger, backend: Int?, page: [EmbeddedDefault.PageFile]) async throws {
-    let threads = self.concurrency ?? System.coreCount
+    let threads = self.concurrency ?? CPUBudget.defaultEventLoops()
     let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, threads))
     guard self.drainTimeSeconds >= 0, self.drainTimeSeconds.isFinite else {
       throw ValidationError("--drain-time-s takes a number of seconds, 0 or more")

@@ -1,4 +1,4 @@
-import GRPCWebCore
+@testable import GRPCWebCore
 import NIOHPACK
 import ProxyConfig
 import Testing
@@ -104,6 +104,31 @@ import Testing
     #expect(out.first(name: "access-control-allow-origin") == "http://x.example")
     #expect(out.first(name: "access-control-allow-methods") == "PUT")
     #expect(out.first(name: "access-control-allow-headers") == "a,b")
+  }
+
+  @Test func originRegexesAreMatchedWholeOnTheRouteTable() {
+    func decision(_ pattern: String, origin: String, ignoreCase: Bool = false) -> Bool {
+      let policy = CORSPolicy(allowOrigins: [StringMatcher(.regex(pattern), ignoreCase: ignoreCase)])
+      let table = RouteTable(RouteConfiguration(virtualHosts: [
+        VirtualHost(name: "any", domains: ["*"], routes: [Route(match: RouteMatch(path: .prefix("/")), action: .cluster("c"))], cors: policy)
+      ]))
+      guard let entry = table.match(authority: "x", path: "/a", headers: [:], isGRPC: true) else { return false }
+      if case .forward(let out) = entry.evaluateCORS(method: "POST", headers: ["origin": origin]) {
+        return out.first(name: "access-control-allow-origin") == origin
+      }
+      return false
+    }
+    #expect(decision(".*", origin: "http://bench.local"))
+    // `.*` is matched without the regex engine, with ICU's meaning: any text without a line break.
+    let any = CompiledRegex(".*", caseInsensitive: false)
+    #expect(any.wholeMatch("http://bench.local") && any.wholeMatch(""))
+    for broken in ["a\nb", "a\rb", "a\u{2028}b", "a\u{2029}b", "a\u{85}b"] {
+      #expect(!any.wholeMatch(broken))
+      #expect(any.wholeMatch(broken) == CompiledRegex(".*?", caseInsensitive: false).wholeMatch(broken))
+    }
+    #expect(decision("https?://.*\\.example\\.com", origin: "https://app.example.com"))
+    #expect(!decision("https?://.*\\.example\\.com", origin: "https://app.example.com.evil"))
+    #expect(decision("HTTP://APP\\.EXAMPLE\\.COM", origin: "http://app.example.com", ignoreCase: true))
   }
 
   @Test func noOriginNoCORS() {

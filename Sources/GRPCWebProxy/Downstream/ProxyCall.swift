@@ -171,7 +171,7 @@ final class ProxyCall: UpstreamStreamDelegate {
     var isDirect = false
     if case .directResponse = entry.route.action { isDirect = true }
     if self.runtime.listener.corsEnabled && !isDirect {
-      switch CORS.evaluate(policy: entry.cors, method: method, headers: headers) {
+      switch entry.evaluateCORS(method: method, headers: headers) {
       case .none:
         break
       case .preflight(let cors):
