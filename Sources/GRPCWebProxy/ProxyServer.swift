@@ -273,6 +273,10 @@ public final class ProxyServer: Service {
       .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
       .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
       .childChannelOption(.maxMessagesPerRead, value: 16)
+      // per_connection_buffer_limit_bytes is also Envoy's high watermark of a connection's write
+      // buffer. NIO's default (64 KiB) made a streamed response flip the socket's writability,
+      // and NIOHTTP2 re-run its queues, several times per read.
+      .childChannelOption(.writeBufferWaterMark, value: .init(low: listener.bufferLimit / 2, high: max(1, listener.bufferLimit)))
       .childChannelInitializer { channel in
         channel.eventLoop.makeCompletedFuture {
           guard let state = loops[ObjectIdentifier(channel.eventLoop)] else {

@@ -135,13 +135,14 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   }
 
   func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-    if let closed = event as? StreamClosedEvent {
+    // Window changes first: NIOHTTP2 reports one for nearly every DATA frame.
+    if let window = event as? NIOHTTP2WindowUpdatedEvent {
+      if window.streamID == .rootStream, let inbound = window.inboundWindowSize, inbound <= Self.connectionWindow / 2 {
+        self.raiseConnectionWindow(context: context, from: inbound)
+      }
+    } else if let closed = event as? StreamClosedEvent {
       // Both ends done, or reset: a call still running has lost its client.
       self.streams.removeValue(forKey: closed.streamID)?.clientWentAway()
-    } else if let window = event as? NIOHTTP2WindowUpdatedEvent, window.streamID == .rootStream,
-      let inbound = window.inboundWindowSize, inbound <= Self.connectionWindow / 2
-    {
-      self.raiseConnectionWindow(context: context, from: inbound)
     }
     context.fireUserInboundEventTriggered(event)
   }
@@ -232,8 +233,24 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
     self.flushScheduled = true
     context.eventLoop.assumeIsolated().execute {
       self.flushScheduled = false
+      self.writeCoalescedData()
       self.context?.flush()
     }
+  }
+
+  /// Streams holding response bytes to be written as one DATA frame at this tick's flush.
+  private var coalescing: [HTTP2DownstreamStream] = []
+
+  fileprivate func coalesce(_ stream: HTTP2DownstreamStream) {
+    self.coalescing.append(stream)
+    self.scheduleFlush()
+  }
+
+  private func writeCoalescedData() {
+    guard !self.coalescing.isEmpty else { return }
+    let streams = self.coalescing
+    self.coalescing.removeAll(keepingCapacity: true)
+    for stream in streams { stream.writeCoalesced() }
   }
 
   private func raiseConnectionWindow(context: ChannelHandlerContext, from current: Int) {
@@ -267,6 +284,7 @@ final class HTTP2DownstreamStream: DownstreamStream {
   }
 
   func clientWentAway() {
+    _ = self.takeHeld()
     let call = self.call
     self.call = nil
     if let call, !call.isFinished { call.downstreamClosed() }
@@ -280,14 +298,64 @@ final class HTTP2DownstreamStream: DownstreamStream {
     self.write(HTTP2Frame(streamID: self.id, payload: .headers(.init(headers: headers, endStream: endStream))), last: endStream)
   }
 
+  /// Response body not yet handed to NIOHTTP2: everything a stream receives from its backend in
+  /// one event-loop tick goes out as one DATA frame at the tick's flush. A server stream of small
+  /// messages (grpc-go sends a DATA frame per message) otherwise cost a frame, a promise and a
+  /// pass through NIOHTTP2's flow-control queue per message on the way out; Envoy coalesces the
+  /// same way. The copy is of small messages only: a large piece with nothing held is passed on.
+  private var held: ByteBuffer?
+  private var heldIsOwn = false
+  private static let coalesceBelow = 16 * 1024
+
   func write(body: ByteBuffer, endStream: Bool) {
-    let frame = HTTP2Frame(streamID: self.id, payload: .data(.init(data: .byteBuffer(body), endStream: endStream)))
-    guard !endStream, let loop = self.connection.eventLoop else {
-      self.write(frame, last: endStream)
+    if endStream {
+      var last = body
+      if var held = self.takeHeld() {
+        held.writeImmutableBuffer(body)
+        last = held
+      }
+      self.write(HTTP2Frame(streamID: self.id, payload: .data(.init(data: .byteBuffer(last), endStream: true))), last: true)
       return
     }
+    self.unsent += body.readableBytes
+    if var held = self.held {
+      self.held = nil
+      if !self.heldIsOwn {
+        // The first piece is a slice of the backend connection's read buffer; the rest go into
+        // a buffer of our own, big enough for all of them (each piece is below the threshold).
+        var own = ByteBufferAllocator().buffer(capacity: 2 * Self.coalesceBelow)
+        own.writeImmutableBuffer(held)
+        held = own
+        self.heldIsOwn = true
+      }
+      held.writeImmutableBuffer(body)
+      self.held = held
+      if held.readableBytes >= Self.coalesceBelow { self.writeCoalesced() }
+    } else if body.readableBytes < Self.coalesceBelow {
+      self.held = body
+      self.connection.coalesce(self)
+    } else {
+      self.writeData(body)
+    }
+  }
+
+  /// Writes what the stream holds, if anything (the connection's flush, or a full buffer).
+  fileprivate func writeCoalesced() {
+    guard let held = self.takeHeld() else { return }
+    self.writeData(held)
+  }
+
+  private func takeHeld() -> ByteBuffer? {
+    let held = self.held
+    self.held = nil
+    self.heldIsOwn = false
+    return held
+  }
+
+  private func writeData(_ body: ByteBuffer) {
+    let frame = HTTP2Frame(streamID: self.id, payload: .data(.init(data: .byteBuffer(body), endStream: false)))
+    guard let loop = self.connection.eventLoop else { return }
     let bytes = body.readableBytes
-    self.unsent += bytes
     let sent = loop.makePromise(of: Void.self)
     sent.futureResult.assumeIsolated().whenComplete { _ in self.dataSent(bytes) }
     self.connection.write(frame, promise: sent)
@@ -308,10 +376,12 @@ final class HTTP2DownstreamStream: DownstreamStream {
 
   func writeEnd(trailers: HPACKHeaders?) {
     if let trailers, !trailers.isEmpty {
+      self.writeCoalesced()
       self.write(HTTP2Frame(streamID: self.id, payload: .headers(.init(headers: trailers, endStream: true))), last: true)
     } else {
-      // An empty DATA frame, never an empty HEADERS frame: the latter broke Safari and IE (E16).
-      self.write(HTTP2Frame(streamID: self.id, payload: .data(.init(data: .byteBuffer(ByteBuffer()), endStream: true))), last: true)
+      // A DATA frame, never an empty HEADERS frame: the latter broke Safari and IE (E16).
+      let last = self.takeHeld() ?? ByteBuffer()
+      self.write(HTTP2Frame(streamID: self.id, payload: .data(.init(data: .byteBuffer(last), endStream: true))), last: true)
     }
   }
 
@@ -341,6 +411,7 @@ final class HTTP2DownstreamStream: DownstreamStream {
   }
 
   func abort() {
+    _ = self.takeHeld()
     self.connection.write(HTTP2Frame(streamID: self.id, payload: .rstStream(.cancel)))
     self.call = nil
     self.connection.finished(self.id)

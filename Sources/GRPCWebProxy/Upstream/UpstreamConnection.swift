@@ -77,12 +77,15 @@ final class UpstreamConnection {
     case closed
   }
 
-  private struct StreamEntry {
-    var delegate: any UpstreamStreamDelegate
+  /// A class, so that a frame costs one table lookup and no write-back.
+  private final class StreamEntry {
+    let delegate: any UpstreamStreamDelegate
     /// Bytes received and passed on but not yet given back as window.
     var owed: Int = 0
     var paused = false
     var peerEnded = false
+
+    init(delegate: any UpstreamStreamDelegate) { self.delegate = delegate }
   }
 
   /// Receive window per stream (our SETTINGS_INITIAL_WINDOW_SIZE) and for the connection.
@@ -362,10 +365,9 @@ final class UpstreamConnection {
   }
 
   fileprivate func setPaused(_ paused: Bool, stream id: HTTP2StreamID) {
-    guard var entry = self.streams[id] else { return }
+    guard let entry = self.streams[id] else { return }
     entry.paused = paused
-    self.streams[id] = entry
-    if !paused { self.returnWindow(id) }
+    if !paused { self.returnWindow(id, entry) }
   }
 
   /// One flush per event-loop tick, however many calls wrote in it.
@@ -378,14 +380,13 @@ final class UpstreamConnection {
     }
   }
 
-  private func returnWindow(_ id: HTTP2StreamID) {
-    guard case .ready(let context) = self.state, var entry = self.streams[id] else { return }
-    if !entry.paused && !entry.peerEnded && entry.owed >= Self.streamWindow / 2 {
-      context.write(NIOAny(HTTP2Frame(streamID: id, payload: .windowUpdate(windowSizeIncrement: entry.owed))), promise: nil)
-      entry.owed = 0
-      self.streams[id] = entry
-      self.scheduleFlush()
-    }
+  private func returnWindow(_ id: HTTP2StreamID, _ entry: StreamEntry) {
+    guard !entry.paused && !entry.peerEnded && entry.owed >= Self.streamWindow / 2,
+      case .ready(let context) = self.state, self.streams[id] === entry
+    else { return }
+    context.write(NIOAny(HTTP2Frame(streamID: id, payload: .windowUpdate(windowSizeIncrement: entry.owed))), promise: nil)
+    entry.owed = 0
+    self.scheduleFlush()
   }
 
   // MARK: - Reading
@@ -393,22 +394,18 @@ final class UpstreamConnection {
   fileprivate func received(_ frame: HTTP2Frame, context: ChannelHandlerContext) {
     switch frame.payload {
     case .headers(let headers):
-      guard var entry = self.streams[frame.streamID] else { return }
-      if headers.endStream {
-        entry.peerEnded = true
-        self.streams[frame.streamID] = entry
-      }
+      guard let entry = self.streams[frame.streamID] else { return }
+      if headers.endStream { entry.peerEnded = true }
       entry.delegate.upstreamHeaders(headers.headers, endStream: headers.endStream)
     case .data(let data):
       let length = data.data.readableBytes + (data.paddingBytes ?? 0)
-      guard var entry = self.streams[frame.streamID] else { return }
+      guard let entry = self.streams[frame.streamID] else { return }
       entry.owed += length
       entry.peerEnded = entry.peerEnded || data.endStream
-      self.streams[frame.streamID] = entry
       if case .byteBuffer(let buffer) = data.data {
         entry.delegate.upstreamData(buffer, endStream: data.endStream)
       }
-      self.returnWindow(frame.streamID)
+      self.returnWindow(frame.streamID, entry)
     case .rstStream(let code):
       guard let entry = self.streams.removeValue(forKey: frame.streamID) else { return }
       entry.delegate.upstreamClosed(reason: code == .refusedStream ? "remote refused stream reset" : "remote reset",
@@ -573,12 +570,16 @@ final class UpstreamFrameHandler: ChannelInboundHandler {
   }
 
   func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-    if self.awaitsTLS, case .handshakeCompleted = event as? TLSUserEvent {
-      self.connection.connected(context)
+    // Most frequent first: NIOHTTP2 reports a window change for nearly every DATA frame, and a
+    // cast from Any costs a runtime lookup each time.
+    if let window = event as? NIOHTTP2WindowUpdatedEvent {
+      if window.streamID == .rootStream, let inbound = window.inboundWindowSize {
+        self.connection.connectionWindowChanged(inbound: inbound)
+      }
     } else if let closed = event as? StreamClosedEvent {
       self.connection.streamClosed(closed)
-    } else if let window = event as? NIOHTTP2WindowUpdatedEvent, window.streamID == .rootStream, let inbound = window.inboundWindowSize {
-      self.connection.connectionWindowChanged(inbound: inbound)
+    } else if self.awaitsTLS, case .handshakeCompleted = event as? TLSUserEvent {
+      self.connection.connected(context)
     }
     context.fireUserInboundEventTriggered(event)
   }
