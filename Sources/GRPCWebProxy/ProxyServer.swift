@@ -277,6 +277,7 @@ public final class ProxyServer: Service {
       // buffer. NIO's default (64 KiB) made a streamed response flip the socket's writability,
       // and NIOHTTP2 re-run its queues, several times per read.
       .childChannelOption(.writeBufferWaterMark, value: .init(low: listener.bufferLimit / 2, high: max(1, listener.bufferLimit)))
+      .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 16 * 1024, maximum: 256 * 1024))
       .childChannelInitializer { channel in
         channel.eventLoop.makeCompletedFuture {
           guard let state = loops[ObjectIdentifier(channel.eventLoop)] else {

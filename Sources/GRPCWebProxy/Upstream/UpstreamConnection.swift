@@ -226,6 +226,10 @@ final class UpstreamConnection {
     let bound = NIOLoopBound(self, eventLoop: self.eventLoop)
     let tls = self.tls
     var bootstrap = ClientBootstrap(group: self.eventLoop).connectTimeout(timeout)
+      // Envoy's default per_connection_buffer_limit_bytes for a cluster, as the write buffer's
+      // high watermark; NIO's 64 KiB flipped writability several times per large request.
+      .channelOption(.writeBufferWaterMark, value: .init(low: 512 * 1024, high: 1024 * 1024))
+      .channelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 16 * 1024, maximum: 256 * 1024))
     if self.endpoint.unixSocketPath == nil {
       bootstrap = bootstrap.channelOption(.tcpOption(.tcp_nodelay), value: 1)
     }
