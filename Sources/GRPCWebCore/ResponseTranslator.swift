@@ -144,6 +144,11 @@ public struct ResponseTranslator: Sendable {
 
   private let maxTextFrameSize: Int
 
+  /// The grpc-status the client reads from a trailer frame this translator wrote into a
+  /// gRPC-Web body (the backend's trailers, or a failure's); statuses in headers or HTTP
+  /// trailers are in the output itself.
+  public private(set) var bodyTrailerStatus: Int?
+
   /// Whether the downstream response head has been written.
   public var headSent: Bool {
     switch self.state {
@@ -276,6 +281,7 @@ public struct ResponseTranslator: Sendable {
       // The trailers become the body's last frame, and the response ends with no HTTP
       // trailers (E14, E16).
       var frame = self.allocator.buffer(capacity: 64)
+      self.bodyTrailerStatus = trailers.first(name: "grpc-status").flatMap { Int($0) }
       TrailerFrame.encode(trailers.lazy.filter { !$0.name.hasPrefix(":") }.map { ($0.name, $0.value) }, into: &frame)
       return Output(body: text ? Base64.encode(frame, allocator: self.allocator) : frame, end: .clean(trailers: nil))
     case .transforming(let status, let headers, let body, _):
@@ -305,6 +311,7 @@ public struct ResponseTranslator: Sendable {
         // Envoy resets the stream here and the browser sees a broken call with no status. A
         // trailer frame tells it what happened.
         var frame = self.allocator.buffer(capacity: 64)
+        self.bodyTrailerStatus = midStreamStatus
         TrailerFrame.encode([("grpc-status", String(midStreamStatus)), ("grpc-message", GRPCProtocol.percentEncode(message))], into: &frame)
         return Output(body: text ? Base64.encode(frame, allocator: self.allocator) : frame, end: .clean(trailers: nil))
       case .grpc:

@@ -64,6 +64,7 @@ public final class ProxyServer: Service {
   private struct LoopState {
     let upstreams: LoopUpstreams
     let connections: LoopConnections
+    let stats: LoopStats
     /// Per listener, one runtime per filter chain.
     let listeners: [[ListenerRuntime]]
   }
@@ -78,18 +79,21 @@ public final class ProxyServer: Service {
     let events = directory.events
     let counters = directory.counters
     for loop in self.group.makeIterator() {
+      let status = self.status
       let state = try await loop.submit {
+        let stats = LoopStats()
+        status.register(NIOLoopBound(stats, eventLoop: loop))
         let upstreams = LoopUpstreams(eventLoop: loop, clusters: config.clusters, logger: logger, events: events, counters: counters,
-          tls: tls.upstream)
+          tls: tls.upstream, stats: stats)
         directory.register(NIOLoopBound(upstreams, eventLoop: loop))
         let connections = LoopConnections()
         let listeners = zip(config.listeners, routeTables).map { listener, tables in
           zip([listener] + listener.otherChains, tables).map {
             ListenerRuntime(listener: $0, routes: $1, upstreams: upstreams, connections: connections, logger: logger,
-              maxTextFrameSize: Self.defaultMaxTextFrameSize)
+              maxTextFrameSize: Self.defaultMaxTextFrameSize, stats: stats)
           }
         }
-        return NIOLoopBound(LoopState(upstreams: upstreams, connections: connections, listeners: listeners), eventLoop: loop)
+        return NIOLoopBound(LoopState(upstreams: upstreams, connections: connections, stats: stats, listeners: listeners), eventLoop: loop)
       }.get()
       registry[ObjectIdentifier(loop)] = state
     }
@@ -290,6 +294,12 @@ public final class ProxyServer: Service {
             throw ProxyError(message: "listener '\(listener.name)': connection limit reached")
           }
           channel.closeFuture.whenComplete { _ in limits.release(listener: index) }
+          let stats = state.value.stats
+          let names = runtimes[0].statNames
+          stats.connectionOpened(listenerAddress: names.listenerAddress, statPrefix: names.statPrefix)
+          channel.closeFuture.assumeIsolated().whenComplete { _ in
+            stats.connectionClosed(listenerAddress: names.listenerAddress, statPrefix: names.statPrefix)
+          }
           if let tls {
             try DownstreamTLSPipeline.configure(channel, listener: tls, codec: { runtimes[$0].listener.codec }) { context, chain, proto in
               switch proto {

@@ -388,6 +388,8 @@ struct Reader {
     listener.headerLimits = limits
     listener.idleTimeout = idleTimeout
     if let headersTimeout, !headersTimeout.isZero { listener.requestHeadersTimeout = headersTimeout }
+    // Required by Envoy; without one the stats are named after the listener.
+    if let prefix = try m.optional("stat_prefix")?.string(), !prefix.isEmpty { listener.statPrefix = prefix }
     return listener
   }
 

@@ -121,6 +121,8 @@ public struct Listener: Sendable, Hashable {
   /// The `envoy.filters.network.connection_limit` filter's `max_connections`: connections
   /// beyond it are closed as they arrive.
   public var maxConnections: Int?
+  /// The connection manager's `stat_prefix`: its stats are `http.<stat_prefix>.…`.
+  public var statPrefix: String
 
   public init(
     name: String,
@@ -136,6 +138,7 @@ public struct Listener: Sendable, Hashable {
     self.routeConfig = routeConfig
     self.grpcWebEnabled = grpcWebEnabled
     self.corsEnabled = corsEnabled
+    self.statPrefix = name
   }
 }
 

@@ -1,3 +1,4 @@
+import Foundation
 import NIOCore
 import NIOHTTP1
 
@@ -10,8 +11,10 @@ final class AdminHandler: ChannelInboundHandler {
   static let index = """
     grpc-web-proxy admin
       GET  /ready              200 LIVE while serving; 503 when draining, failed by hand, or no backend is healthy
-      GET  /clusters           every endpoint of every cluster, with its health
-      GET  /stats              counters: DNS refreshes, health checks, ejections, membership
+      GET  /clusters           every endpoint of every cluster, with its health (?format=json: Envoy's JSON)
+      GET  /stats              Envoy's stats by Envoy's names (?format=json, ?filter=REGEX)
+      GET  /stats/prometheus   the same in Prometheus' text format, with Envoy's metric names and tags
+      GET  /server_info        state, uptime and concurrency, as JSON
       POST /healthcheck/fail   make /ready answer 503 (take the proxy out of rotation)
       POST /healthcheck/ok     undo /healthcheck/fail
 
@@ -33,19 +36,78 @@ final class AdminHandler: ChannelInboundHandler {
     case .end:
       guard let head = self.request else { return }
       self.request = nil
-      let (status, body) = self.respond(to: head)
-      var headers = HTTPHeaders()
-      headers.add(name: "content-type", value: "text/plain; charset=utf-8")
-      headers.add(name: "content-length", value: String(body.utf8.count))
-      headers.add(name: "cache-control", value: "no-cache, max-age=0")
-      if !head.isKeepAlive { headers.add(name: "connection", value: "close") }
-      context.write(self.wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)
-      if head.method != .HEAD {
-        context.write(self.wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+      if let stats = self.statsRequest(head) {
+        // Every event loop's stats are read on that loop, then answered from this one.
+        let allocator = context.channel.allocator
+        stats.assumeIsolated().whenComplete { result in
+          switch result {
+          case .success(let (type, body)): self.send(context: context, head: head, status: .ok, type: type, body: body, allocator: allocator)
+          case .failure(let error): self.send(context: context, head: head, status: .internalServerError, type: "text/plain; charset=utf-8", body: "\(error)\n", allocator: allocator)
+          }
+        }
+        return
       }
-      let done = context.writeAndFlush(self.wrapOutboundOut(.end(nil)))
-      if !head.isKeepAlive { done.assumeIsolated().whenComplete { _ in context.close(promise: nil) } }
+      let (status, body) = self.respond(to: head)
+      let type = body.hasPrefix("{") ? "application/json" : "text/plain; charset=utf-8"
+      self.send(context: context, head: head, status: status, type: type, body: body, allocator: context.channel.allocator)
     }
+  }
+
+  /// `/stats` and `/stats/prometheus` (GET), answered once every loop has reported.
+  private func statsRequest(_ head: HTTPRequestHead) -> EventLoopFuture<(String, String)>? {
+    let parts = head.uri.split(separator: "?", maxSplits: 1)
+    let path = parts.first.map(String.init) ?? head.uri
+    guard path == "/stats" || path == "/stats/prometheus", head.method == .GET || head.method == .HEAD,
+      let loop = self.eventLoop
+    else { return nil }
+    var query: [String: String] = [:]
+    if parts.count > 1 {
+      for item in parts[1].split(separator: "&") {
+        let kv = item.split(separator: "=", maxSplits: 1)
+        let value = kv.count > 1 ? String(kv[1]).replacingOccurrences(of: "+", with: " ") : ""
+        query[String(kv[0])] = value.removingPercentEncoding ?? value
+      }
+    }
+    var regex: NSRegularExpression?
+    if let filter = query["filter"], !filter.isEmpty {
+      do {
+        regex = try NSRegularExpression(pattern: filter)
+      } catch {
+        return loop.makeSucceededFuture(("text/plain; charset=utf-8", "Invalid re2 regex: \(filter)\n"))
+      }
+    }
+    let clusters = self.status.clusterNames
+    let prometheus = path == "/stats/prometheus" || query["format"] == "prometheus"
+    let json = query["format"] == "json"
+    return self.status.collectStats(on: loop).map { snapshot in
+      let stats = snapshot.filtered(regex)
+      if prometheus { return ("text/plain; version=0.0.4; charset=utf-8", stats.prometheus(clusters: clusters)) }
+      if json { return ("application/json", stats.json) }
+      return ("text/plain; charset=utf-8", stats.text)
+    }
+  }
+
+  private var eventLoop: (any EventLoop)?
+
+  func handlerAdded(context: ChannelHandlerContext) {
+    self.eventLoop = context.eventLoop
+  }
+
+  private func send(
+    context: ChannelHandlerContext, head: HTTPRequestHead, status: HTTPResponseStatus, type: String, body: String,
+    allocator: ByteBufferAllocator
+  ) {
+    var headers = HTTPHeaders()
+    headers.add(name: "content-type", value: type)
+    headers.add(name: "content-length", value: String(body.utf8.count))
+    headers.add(name: "cache-control", value: "no-cache, max-age=0")
+    if !head.isKeepAlive { headers.add(name: "connection", value: "close") }
+    context.write(self.wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)
+    if head.method != .HEAD {
+      context.write(self.wrapOutboundOut(.body(.byteBuffer(allocator.buffer(string: body)))), promise: nil)
+    }
+    let done = context.writeAndFlush(self.wrapOutboundOut(.end(nil)))
+    if !head.isKeepAlive { done.assumeIsolated().whenComplete { _ in context.close(promise: nil) } }
   }
 
   private func respond(to head: HTTPRequestHead) -> (HTTPResponseStatus, String) {
@@ -58,10 +120,13 @@ final class AdminHandler: ChannelInboundHandler {
       return (ready ? .ok : .serviceUnavailable, reason + "\n")
     case "/clusters":
       guard isRead else { return (.methodNotAllowed, "use GET\n") }
+      if head.uri.contains("format=json") { return (.ok, self.status.clustersJSON()) }
       return (.ok, self.status.clustersText())
-    case "/stats":
+    case "/stats", "/stats/prometheus":
+      return (.methodNotAllowed, "use GET\n")
+    case "/server_info":
       guard isRead else { return (.methodNotAllowed, "use GET\n") }
-      return (.ok, self.status.statsText())
+      return (.ok, self.status.serverInfo())
     case "/healthcheck/fail", "/healthcheck/ok":
       // Changes state, so POST only, as in Envoy: a stray GET from a browser must not do it.
       guard head.method == .POST else { return (.methodNotAllowed, "use POST\n") }

@@ -28,10 +28,12 @@ final class ListenerRuntime {
   let connections: LoopConnections
   let logger: Logger
   let maxTextFrameSize: Int
+  let stats: LoopStats
+  let statNames: HTTPStatNames
 
   init(
     listener: Listener, routes: RouteTable, upstreams: LoopUpstreams, connections: LoopConnections,
-    logger: Logger, maxTextFrameSize: Int
+    logger: Logger, maxTextFrameSize: Int, stats: LoopStats = LoopStats()
   ) {
     self.listener = listener
     self.routes = routes
@@ -39,6 +41,10 @@ final class ListenerRuntime {
     self.connections = connections
     self.logger = logger
     self.maxTextFrameSize = maxTextFrameSize
+    self.stats = stats
+    // Envoy names a listener's stats by its address: listener.0.0.0.0_8080.…
+    let address = listener.address.unixSocketPath ?? "\(listener.address.host)_\(listener.address.port)"
+    self.statNames = HTTPStatNames(statPrefix: listener.statPrefix, listenerAddress: address)
   }
 }
 
@@ -110,6 +116,16 @@ final class ProxyCall: UpstreamStreamDelegate {
   static let replayableBytes = 64 * 1024
   static let maxReplays = 3
   private var clusterName = ""
+  /// For the stats: when the call and its last upstream attempt began, what the backend and the
+  /// client were answered, and the gRPC method (gRPC and gRPC-Web calls).
+  private var callStart = NIODeadline.uptimeNanoseconds(0)
+  private var upstreamStart: NIODeadline?
+  private var upstreamHTTPStatus: Int?
+  private var responseStatus: Int?
+  private var clientGRPCStatus: Int?
+  private var methodPath: String?
+  private var grpcBridge: String?
+  private var recorded = false
 
   /// `https` when the client's connection is TLS.
   private let connectionScheme: String
@@ -133,6 +149,7 @@ final class ProxyCall: UpstreamStreamDelegate {
   /// - Parameter headers: the request headers with `:method`, `:path`, `:authority`, `:scheme`.
   func receiveHead(_ headers: HPACKHeaders, endStream: Bool) {
     guard case .awaitingHead = self.request else { return }
+    self.callStart = .now()
     let method = headers.first(name: ":method") ?? "GET"
     let path = headers.first(name: ":path") ?? "/"
     let authority = headers.first(name: ":authority") ?? ""
@@ -142,6 +159,12 @@ final class ProxyCall: UpstreamStreamDelegate {
       grpcWebEnabled: self.runtime.listener.grpcWebEnabled
     )
     self.translator = ResponseTranslator(kind: kind, maxTextFrameSize: self.runtime.maxTextFrameSize, allocator: self.allocator)
+    switch kind {
+    case .grpcWeb: self.grpcBridge = "grpc-web"
+    case .grpc: self.grpcBridge = "grpc"
+    case .other: break
+    }
+    if self.grpcBridge != nil { self.methodPath = path }
 
     // HTTP/1.1 requests over the limits never get here (NIO's decoder stops them); HTTP/2 ones
     // are decoded up to twice the limit and answered here, on their own stream.
@@ -365,6 +388,8 @@ final class ProxyCall: UpstreamStreamDelegate {
     case .success(let stream):
       self.upstreamSlot = (self.clusterName, stream.connection.endpoint)
       self.upstream = .open(stream)
+      self.upstreamStart = .now()
+      self.upstreamHTTPStatus = nil
       // What this attempt has yet to send is what it writes now (a retry sends it again).
       self.upstreamUnsent = 0
       for case .data(let d) in pending { self.upstreamUnsent += d.data.readableBytes }
@@ -399,6 +424,9 @@ final class ProxyCall: UpstreamStreamDelegate {
     self.perTryTask = nil
     self.sentFrames = nil
     if self.idleTimeout != nil { self.lastActivity = .now() }
+    if self.upstreamHTTPStatus == nil, let status = headers.first(name: ":status").flatMap({ Int($0) }), status >= 200 {
+      self.upstreamHTTPStatus = status
+    }
     if endStream {
       self.upstreamEnded = true
       self.upstreamOutcome = Self.outcome(headers)
@@ -585,6 +613,7 @@ final class ProxyCall: UpstreamStreamDelegate {
     self.perTryTask = self.eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(timeout.nanoseconds)) {
       self.perTryTask = nil
       guard !self.translator.isFinished, self.sentFrames != nil else { return }
+      self.runtime.stats.count(self.runtime.stats.names.cluster(self.clusterName).prefix + "upstream_rq_per_try_timeout")
       if self.retry(outcome: 504) { return }
       self.runtime.logger.debug("per-try timeout", metadata: ["ms": "\(timeout.milliseconds)"])
       self.apply(self.translator.fail(.timeout(message: "upstream request timeout", httpStatus: 504)))
@@ -623,6 +652,7 @@ final class ProxyCall: UpstreamStreamDelegate {
     self.deadlineTask = nil
     guard let plan = self.deadline, !self.translator.isFinished else { return }
     self.runtime.logger.debug("call deadline exceeded", metadata: ["ms": "\(plan.milliseconds ?? 0)"])
+    if !self.clusterName.isEmpty { self.runtime.stats.count(self.runtime.stats.names.cluster(self.clusterName).prefix + "upstream_rq_timeout") }
     self.apply(self.translator.fail(.timeout(message: plan.timeoutMessage, httpStatus: plan.timeoutHTTPStatus)))
   }
 
@@ -633,6 +663,13 @@ final class ProxyCall: UpstreamStreamDelegate {
 
   private func write(_ output: ResponseTranslator.Output) {
     guard let downstream = self.downstream else { return }
+    if let head = output.head {
+      self.responseStatus = head.status
+      if let status = head.headers.first(name: "grpc-status").flatMap({ Int($0) }) { self.clientGRPCStatus = status }
+    }
+    if case .clean(let trailers?) = output.end, let status = trailers.first(name: "grpc-status").flatMap({ Int($0) }) {
+      self.clientGRPCStatus = status
+    }
     if var head = output.head {
       if let cors = self.corsHeaders {
         for (name, value, _) in cors { head.headers.replaceOrAdd(name: name, value: value) }
@@ -695,7 +732,39 @@ final class ProxyCall: UpstreamStreamDelegate {
 
   /// The response has ended: stop the timer, cancel the upstream stream if it is still open, and
   /// give back the call's slot on its cluster.
+  /// The call's stats, by Envoy's names, once: the connection manager's, the cluster's, and the
+  /// gRPC method's with the status the client actually read (Envoy's grpc_web filter counts
+  /// the upstream's trailers, which it has already moved into the body: a gRPC-Web call that
+  /// succeeded is counted as neither success nor failure there).
+  private func recordStats() {
+    guard !self.recorded, self.callStart.uptimeNanoseconds > 0 else { return }
+    self.recorded = true
+    let stats = self.runtime.stats
+    let names = self.runtime.statNames
+    stats.count(names.requestTotal)
+    if let status = self.responseStatus, (100...599).contains(status) { stats.count(names.requestClass[status / 100]) }
+    stats.record(names.requestTime, since: self.callStart)
+    guard !self.clusterName.isEmpty else { return }
+    if let start = self.upstreamStart {
+      let cluster = stats.names.cluster(self.clusterName)
+      if let status = self.upstreamHTTPStatus, (100...599).contains(status) {
+        stats.count(cluster.requestClass[status / 100])
+        stats.count(cluster.prefix + "upstream_rq_\(status)")
+      }
+      stats.record(cluster.requestTime, since: start)
+    }
+    if let bridge = self.grpcBridge, let path = self.methodPath {
+      let status = self.clientGRPCStatus ?? self.translator.bodyTrailerStatus
+      guard let status else { return }
+      let method = stats.names.method(cluster: self.clusterName, path: path, bridge: bridge)
+      stats.count(method.total)
+      stats.count(status == 0 ? method.success : method.failure)
+      stats.count(method.prefix + String(status))
+    }
+  }
+
   private func cleanUp() {
+    self.recordStats()
     if self.readingPaused {
       // The rest of the request is read and dropped (or, on HTTP/1.1, the next one read).
       self.readingPaused = false

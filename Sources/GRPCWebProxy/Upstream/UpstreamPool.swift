@@ -78,10 +78,14 @@ final class LoopUpstreams {
     }
   }
 
+  /// The loop's stats (cluster.<name>.upstream_cx_*, upstream_rq_total, retries).
+  let stats: LoopStats
+
   init(
     eventLoop: any EventLoop, clusters: [Cluster], logger: Logger, events: UpstreamEvents = .init(),
-    counters: [String: ClusterCounters] = [:], tls: [String: UpstreamTLSClient] = [:]
+    counters: [String: ClusterCounters] = [:], tls: [String: UpstreamTLSClient] = [:], stats: LoopStats = LoopStats()
   ) {
+    self.stats = stats
     self.eventLoop = eventLoop
     self.logger = logger
     self.events = events
@@ -117,6 +121,7 @@ final class LoopUpstreams {
   ) {
     self.eventLoop.preconditionInEventLoop()
     guard let state = self.clusters[name], !state.endpoints.isEmpty else {
+      if self.clusters[name] != nil { self.stats.count(self.stats.names.cluster(name).prefix + "upstream_cx_none_healthy") }
       completion(.failure(UpstreamUnavailable(reason: "no healthy upstream", noHealthyUpstream: true)))
       return
     }
@@ -125,12 +130,17 @@ final class LoopUpstreams {
     let active = state.counters.activeRequests.add(1, ordering: .relaxed).newValue
     if active > limits.maxRequests {
       state.counters.activeRequests.subtract(1, ordering: .relaxed)
+      self.stats.count(self.stats.names.cluster(name).prefix + "upstream_rq_pending_overflow")
       completion(.failure(UpstreamUnavailable(
         reason: "overflow: cluster '\(name)' already has \(limits.maxRequests) calls in flight (circuit_breakers max_requests)")))
       return
     }
+    let stats = self.stats
     self.attempt(state, for: delegate, tried: [], completion: { result in
-      if case .failure = result { state.counters.activeRequests.subtract(1, ordering: .relaxed) }
+      switch result {
+      case .failure: state.counters.activeRequests.subtract(1, ordering: .relaxed)
+      case .success: stats.count(stats.names.cluster(name).requestTotal)
+      }
       completion(result)
     })
   }
@@ -157,8 +167,10 @@ final class LoopUpstreams {
     guard let state = self.clusters[name] else { return false }
     if state.counters.activeRetries.add(1, ordering: .relaxed).newValue > state.config.circuitBreakers.maxRetries {
       state.counters.activeRetries.subtract(1, ordering: .relaxed)
+      self.stats.count(self.stats.names.cluster(name).prefix + "upstream_rq_retry_overflow")
       return false
     }
+    self.stats.count(self.stats.names.cluster(name).prefix + "upstream_rq_retry")
     return true
   }
 
@@ -222,7 +234,10 @@ final class LoopUpstreams {
         completion(result)
         return
       }
-      if error.connectFailure { self.events.connectFailed(state.config.name, endpoint) }
+      if error.connectFailure {
+        self.stats.count(self.stats.names.cluster(state.config.name).prefix + "upstream_cx_connect_fail")
+        self.events.connectFailed(state.config.name, endpoint)
+      }
       let tried = tried + [endpoint]
       if state.endpoints.contains(where: { !tried.contains($0) }) {
         self.attempt(state, for: delegate, tried: tried, completion: completion)
@@ -272,6 +287,10 @@ final class LoopUpstreams {
     let cluster = state.config.name
     let events = self.events
     let counters = state.counters
+    let stats = self.stats
+    let statPrefix = stats.names.cluster(cluster).prefix
+    stats.count(statPrefix + "upstream_cx_total")
+    stats.gauge(statPrefix + "upstream_cx_active", by: 1)
     let connection = UpstreamConnection(
       endpoint: endpoint,
       eventLoop: self.eventLoop,
@@ -282,6 +301,7 @@ final class LoopUpstreams {
       onConnected: { events.connected(cluster, endpoint) }
     ) { [weak state] closed in
       counters.connections.subtract(1, ordering: .relaxed)
+      stats.gauge(statPrefix + "upstream_cx_active", by: -1)
       state?.connections[endpoint]?.removeAll { $0 === closed }
       if state?.connections[endpoint]?.isEmpty == true { state?.connections[endpoint] = nil }
     }

@@ -1,0 +1,325 @@
+import Foundation
+import NIOCore
+
+/// Envoy's latency histogram buckets, in milliseconds (its default `histogram_bucket_settings`).
+struct LatencyHistogram: Sendable {
+  static let bounds: [Double] = [0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000, 1800000, 3600000]
+  /// Counts per bucket (not cumulative); the last one is above every bound.
+  var buckets = [UInt64](repeating: 0, count: LatencyHistogram.bounds.count + 1)
+  var count: UInt64 = 0
+  var sum: Double = 0
+
+  mutating func record(milliseconds: Double) {
+    var i = 0
+    while i < Self.bounds.count && milliseconds > Self.bounds[i] { i += 1 }
+    self.buckets[i] += 1
+    self.count += 1
+    self.sum += milliseconds
+  }
+
+  mutating func merge(_ other: LatencyHistogram) {
+    for i in self.buckets.indices { self.buckets[i] += other.buckets[i] }
+    self.count += other.count
+    self.sum += other.sum
+  }
+
+  /// The value at quantile `q` (0...1), interpolated within its bucket as Envoy's histograms do
+  /// roughly; nil with no sample.
+  func quantile(_ q: Double) -> Double? {
+    guard self.count > 0 else { return nil }
+    let rank = q * Double(self.count)
+    var seen: Double = 0
+    for (i, n) in self.buckets.enumerated() where n > 0 {
+      let lower = i == 0 ? 0 : Self.bounds[i - 1]
+      let upper = i < Self.bounds.count ? Self.bounds[i] : lower * 2
+      if seen + Double(n) >= rank {
+        return lower + (upper - lower) * max(0, min(1, (rank - seen) / Double(n)))
+      }
+      seen += Double(n)
+    }
+    return Self.bounds.last
+  }
+}
+
+/// One event loop's statistics, by Envoy's names. Only that loop writes them, with no lock and
+/// no atomic on the call path; the admin port reads every loop's copy by running a task on each
+/// loop (`StatsRegistry.collect`).
+final class LoopStats {
+  let names = CallStatNames()
+  private(set) var counters: [String: UInt64] = [:]
+  private(set) var gauges: [String: Int64] = [:]
+  private(set) var histograms: [String: LatencyHistogram] = [:]
+
+  func count(_ name: String, by amount: UInt64 = 1) {
+    self.counters[name, default: 0] &+= amount
+  }
+
+  func gauge(_ name: String, by delta: Int64) {
+    self.gauges[name, default: 0] += delta
+  }
+
+  func record(_ name: String, since start: NIODeadline) {
+    let ms = Double((NIODeadline.now() - start).nanoseconds) / 1_000_000
+    self.histograms[name, default: LatencyHistogram()].record(milliseconds: ms)
+  }
+
+  var snapshot: StatsSnapshot {
+    StatsSnapshot(counters: self.counters, gauges: self.gauges, histograms: self.histograms)
+  }
+
+  // MARK: - What the call path reports
+
+  /// A client connection accepted on a listener (its address in Envoy's form, `0.0.0.0_8080`)
+  /// whose connection manager has `stat_prefix`.
+  func connectionOpened(listenerAddress: String, statPrefix: String) {
+    self.count("listener.\(listenerAddress).downstream_cx_total")
+    self.gauge("listener.\(listenerAddress).downstream_cx_active", by: 1)
+    self.count("http.\(statPrefix).downstream_cx_total")
+    self.gauge("http.\(statPrefix).downstream_cx_active", by: 1)
+  }
+
+  func connectionClosed(listenerAddress: String, statPrefix: String) {
+    self.gauge("listener.\(listenerAddress).downstream_cx_active", by: -1)
+    self.gauge("http.\(statPrefix).downstream_cx_active", by: -1)
+  }
+}
+
+/// Every loop's statistics added up, with the process-wide ones.
+struct StatsSnapshot: Sendable {
+  var counters: [String: UInt64] = [:]
+  var gauges: [String: Int64] = [:]
+  var histograms: [String: LatencyHistogram] = [:]
+
+  mutating func merge(_ other: StatsSnapshot) {
+    for (k, v) in other.counters { self.counters[k, default: 0] &+= v }
+    for (k, v) in other.gauges { self.gauges[k, default: 0] += v }
+    for (k, v) in other.histograms { self.histograms[k, default: LatencyHistogram()].merge(v) }
+  }
+
+  /// Every stat's name, for `?filter=`.
+  func filtered(_ regex: NSRegularExpression?) -> StatsSnapshot {
+    guard let regex else { return self }
+    func keep(_ name: String) -> Bool {
+      regex.firstMatch(in: name, range: NSRange(name.startIndex..., in: name)) != nil
+    }
+    return StatsSnapshot(
+      counters: self.counters.filter { keep($0.key) }, gauges: self.gauges.filter { keep($0.key) },
+      histograms: self.histograms.filter { keep($0.key) })
+  }
+
+  static let quantiles: [Double] = [0, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 1]
+
+  private static func format(_ value: Double?) -> String {
+    guard let value else { return "nan" }
+    return value == value.rounded() ? String(Int(value)) : String(format: "%.3g", value)
+  }
+
+  /// `/stats`: `name: value` a line, sorted, histograms with their quantiles as Envoy prints
+  /// them (`P50(nan,2.05)`: this interval's, then the cumulative value; only the latter is kept).
+  var text: String {
+    var lines: [String] = []
+    for (k, v) in self.counters { lines.append("\(k): \(v)") }
+    for (k, v) in self.gauges { lines.append("\(k): \(v)") }
+    for (k, h) in self.histograms {
+      let parts = Self.quantiles.map { q -> String in
+        let label = q == 0.995 ? "P99.5" : q == 0.999 ? "P99.9" : "P\(Int(q * 100))"
+        return "\(label)(nan,\(Self.format(h.quantile(q))))"
+      }
+      lines.append("\(k): " + parts.joined(separator: " "))
+    }
+    return lines.sorted().joined(separator: "\n") + "\n"
+  }
+
+  /// `/stats?format=json`, in Envoy's shape: `{"stats": [{"name", "value"}…, {"histograms": …}]}`.
+  var json: String {
+    var stats: [[String: Any]] = []
+    for (k, v) in self.counters.sorted(by: { $0.key < $1.key }) { stats.append(["name": k, "value": v]) }
+    for (k, v) in self.gauges.sorted(by: { $0.key < $1.key }) { stats.append(["name": k, "value": v]) }
+    let computed = self.histograms.sorted(by: { $0.key < $1.key }).map { (k, h) -> [String: Any] in
+      ["name": k, "values": Self.quantiles.map { q -> [String: Any] in
+        ["interval": NSNull(), "cumulative": h.quantile(q).map { $0 as Any } ?? NSNull()]
+      }]
+    }
+    stats.append(["histograms": ["supported_quantiles": Self.quantiles.map { $0 * 100 }, "computed_quantiles": computed]])
+    let data = (try? JSONSerialization.data(withJSONObject: ["stats": stats], options: [.sortedKeys])) ?? Data("{}".utf8)
+    return String(decoding: data, as: UTF8.self) + "\n"
+  }
+
+  /// `/stats/prometheus`: Prometheus' text format with Envoy's names and tags
+  /// (`envoy_cluster_upstream_rq_total{envoy_cluster_name="user"}`).
+  func prometheus(clusters: [String]) -> String {
+    struct Family { var type: String; var lines: [String] = [] }
+    var families: [String: Family] = [:]
+    func add(_ name: String, _ type: String, _ value: String, suffix: String = "", extra: [(String, String)] = []) {
+      let (metric, tags) = PrometheusName.split(name, clusters: clusters)
+      let labels = (tags + extra).map { "\($0.0)=\"\(PrometheusName.escape($0.1))\"" }.joined(separator: ",")
+      families[metric, default: Family(type: type)].lines.append("\(metric)\(suffix)\(labels.isEmpty ? "" : "{\(labels)}") \(value)")
+    }
+    // Sorted by name; a histogram's buckets stay in increasing `le`, as the format requires.
+    for (k, v) in self.counters.sorted(by: { $0.key < $1.key }) { add(k, "counter", String(v)) }
+    for (k, v) in self.gauges.sorted(by: { $0.key < $1.key }) { add(k, "gauge", String(v)) }
+    for (k, h) in self.histograms.sorted(by: { $0.key < $1.key }) {
+      var cumulative: UInt64 = 0
+      for (i, bound) in LatencyHistogram.bounds.enumerated() {
+        cumulative += h.buckets[i]
+        add(k, "histogram", String(cumulative), suffix: "_bucket", extra: [("le", Self.format(bound))])
+      }
+      add(k, "histogram", String(h.count), suffix: "_bucket", extra: [("le", "+Inf")])
+      add(k, "histogram", String(format: "%.6g", h.sum), suffix: "_sum")
+      add(k, "histogram", String(h.count), suffix: "_count")
+    }
+    var out = ""
+    for (metric, family) in families.sorted(by: { $0.key < $1.key }) {
+      out += "# TYPE \(metric) \(family.type)\n"
+      for line in family.lines { out += line + "\n" }
+    }
+    return out
+  }
+}
+
+/// Envoy's tag extraction for the names this proxy keeps: the variable parts of a stat's name
+/// become labels, the rest the metric's name.
+enum PrometheusName {
+  static func split(_ name: String, clusters: [String]) -> (String, [(String, String)]) {
+    var tags: [(String, String)] = []
+    var rest = name
+    var family = ""
+    if name.hasPrefix("cluster.") {
+      let tail = String(name.dropFirst("cluster.".count))
+      // Cluster names may hold dots: the longest configured name that fits.
+      let cluster = clusters.filter { tail.hasPrefix($0 + ".") }.max(by: { $0.count < $1.count })
+        ?? String(tail.prefix(while: { $0 != "." }))
+      tags.append(("envoy_cluster_name", cluster))
+      rest = String(tail.dropFirst(cluster.count + 1))
+      family = "cluster"
+      for bridge in ["grpc-web.", "grpc."] where rest.hasPrefix(bridge) {
+        // grpc-web.<service>.<method>.<stat>: the service may hold dots, the method not.
+        let parts = rest.dropFirst(bridge.count).split(separator: ".", omittingEmptySubsequences: false)
+        if parts.count >= 3 {
+          tags.append(("envoy_grpc_bridge_service", parts.dropLast(2).joined(separator: ".")))
+          tags.append(("envoy_grpc_bridge_method", String(parts[parts.count - 2])))
+          rest = String(bridge.dropLast()) + "." + parts[parts.count - 1]
+        }
+      }
+    } else if name.hasPrefix("http.") {
+      let tail = name.dropFirst("http.".count)
+      let prefix = String(tail.prefix(while: { $0 != "." }))
+      tags.append(("envoy_http_conn_manager_prefix", prefix))
+      rest = String(tail.dropFirst(prefix.count + 1))
+      family = "http"
+    } else if name.hasPrefix("listener.") {
+      let tail = name.dropFirst("listener.".count)
+      // listener.<address>_<port>.<stat>: the address holds dots, the port ends at the next one.
+      if let underscore = tail.firstIndex(of: "_"), let dot = tail[underscore...].firstIndex(of: ".") {
+        tags.append(("envoy_listener_address", String(tail[..<dot])))
+        rest = String(tail[tail.index(after: dot)...])
+      } else {
+        rest = String(tail)
+      }
+      family = "listener"
+    }
+    // upstream_rq_200 → upstream_rq{envoy_response_code="200"}; upstream_rq_2xx →
+    // upstream_rq_xx{envoy_response_code_class="2"}.
+    for stem in ["upstream_rq_", "downstream_rq_"] where rest.hasPrefix(stem) {
+      let code = rest.dropFirst(stem.count)
+      if code.count == 3, let first = code.first, first.isNumber {
+        if code.dropFirst() == "xx" {
+          tags.append(("envoy_response_code_class", String(first)))
+          rest = stem + "xx"
+        } else if code.allSatisfy(\.isNumber) {
+          tags.append(("envoy_response_code", String(code)))
+          rest = String(stem.dropLast())
+        }
+      }
+    }
+    let metric = "envoy_" + (family.isEmpty ? "" : family + "_") + rest
+    return (Self.sanitize(metric), tags)
+  }
+
+  static func sanitize(_ name: String) -> String {
+    String(name.map { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "_") ? $0 : "_" })
+  }
+
+  static func escape(_ value: String) -> String {
+    value.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"")
+      .replacingOccurrences(of: "\n", with: "\\n")
+  }
+}
+
+/// A connection manager's stat names, made once rather than per call.
+struct HTTPStatNames: Sendable {
+  let requestTotal: String
+  let requestTime: String
+  /// `downstream_rq_1xx` … `downstream_rq_5xx`, by the status's first digit.
+  let requestClass: [String]
+  let listenerAddress: String
+  let statPrefix: String
+
+  init(statPrefix: String, listenerAddress: String) {
+    let base = "http.\(statPrefix)."
+    self.requestTotal = base + "downstream_rq_total"
+    self.requestTime = base + "downstream_rq_time"
+    self.requestClass = (0...5).map { base + "downstream_rq_\($0)xx" }
+    self.listenerAddress = listenerAddress
+    self.statPrefix = statPrefix
+  }
+}
+
+/// A cluster's per-call stat names, made once per loop.
+struct ClusterStatNames {
+  let requestTotal: String
+  let requestTime: String
+  let requestClass: [String]
+  let prefix: String
+
+  init(cluster: String) {
+    self.prefix = "cluster.\(cluster)."
+    self.requestTotal = self.prefix + "upstream_rq_total"
+    self.requestTime = self.prefix + "upstream_rq_time"
+    self.requestClass = (0...5).map { "cluster.\(cluster).upstream_rq_\($0)xx" }
+  }
+}
+
+extension LoopStats {
+  /// The names of gRPC methods' stats, per cluster and path, kept for at most this many
+  /// methods per loop: the path comes from the client, and a client inventing paths must not
+  /// grow the table without end. Methods beyond it are counted as `unknown.unknown`.
+  static let maxMethods = 1000
+
+  struct MethodStatNames {
+    let total: String
+    let success: String
+    let failure: String
+    let prefix: String
+  }
+}
+
+/// The per-call part of LoopStats, kept apart from the dictionaries it fills.
+final class CallStatNames {
+  private var clusters: [String: ClusterStatNames] = [:]
+  private var methods: [String: LoopStats.MethodStatNames] = [:]
+
+  func cluster(_ name: String) -> ClusterStatNames {
+    if let names = self.clusters[name] { return names }
+    let names = ClusterStatNames(cluster: name)
+    self.clusters[name] = names
+    return names
+  }
+
+  /// Envoy's `cluster.<name>.grpc-web.<service>.<method>.*` for a path `/service/method`.
+  func method(cluster: String, path: String, bridge: String) -> LoopStats.MethodStatNames {
+    let key = bridge + "|" + cluster + "|" + path
+    if let names = self.methods[key] { return names }
+    var service = "unknown"
+    var method = "unknown"
+    let parts = path.split(separator: "/", omittingEmptySubsequences: false)
+    if parts.count == 3, parts[0].isEmpty, !parts[1].isEmpty, !parts[2].isEmpty, self.methods.count < LoopStats.maxMethods {
+      service = String(parts[1])
+      method = String(parts[2].prefix(while: { $0 != "?" }))
+    }
+    let prefix = "cluster.\(cluster).\(bridge).\(service).\(method)."
+    let names = LoopStats.MethodStatNames(total: prefix + "total", success: prefix + "success", failure: prefix + "failure", prefix: prefix)
+    if self.methods.count < LoopStats.maxMethods { self.methods[key] = names }
+    return names
+  }
+}
