@@ -127,7 +127,7 @@ public final class ProxyServer: Service {
         channels.append(channel)
         let port = channel.localAddress?.port ?? address.port
         bound.append(BoundListener(name: "admin", host: address.host, port: port))
-        logger.info("admin on \(address.host):\(port) (GET /ready, /clusters)")
+        logger.info("admin on \(address.host):\(port) (GET /ready, /clusters, /stats, /stats/prometheus)")
       }
     } catch {
       for channel in channels { try? await channel.close() }
@@ -296,10 +296,8 @@ public final class ProxyServer: Service {
           channel.closeFuture.whenComplete { _ in limits.release(listener: index) }
           let stats = state.value.stats
           let names = runtimes[0].statNames
-          stats.connectionOpened(listenerAddress: names.listenerAddress, statPrefix: names.statPrefix)
-          channel.closeFuture.assumeIsolated().whenComplete { _ in
-            stats.connectionClosed(listenerAddress: names.listenerAddress, statPrefix: names.statPrefix)
-          }
+          stats.connectionOpened(names)
+          channel.closeFuture.assumeIsolated().whenComplete { _ in stats.connectionClosed(names) }
           if let tls {
             try DownstreamTLSPipeline.configure(channel, listener: tls, codec: { runtimes[$0].listener.codec }) { context, chain, proto in
               switch proto {

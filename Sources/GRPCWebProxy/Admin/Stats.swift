@@ -41,46 +41,88 @@ struct LatencyHistogram: Sendable {
   }
 }
 
+/// A counter, gauge or histogram of one event loop, resolved once by name and then bumped
+/// through the reference: no hashing on the call path, as Envoy's stat handles.
+final class StatCounter {
+  var value: UInt64 = 0
+  @inline(__always) func add(_ n: UInt64 = 1) { self.value &+= n }
+}
+
+final class StatGauge {
+  var value: Int64 = 0
+}
+
+final class StatHistogram {
+  var histogram = LatencyHistogram()
+
+  func record(since start: NIODeadline) {
+    self.histogram.record(milliseconds: Double((NIODeadline.now() - start).nanoseconds) / 1_000_000)
+  }
+}
+
 /// One event loop's statistics, by Envoy's names. Only that loop writes them, with no lock and
 /// no atomic on the call path; the admin port reads every loop's copy by running a task on each
-/// loop (`StatsRegistry.collect`).
+/// loop (`ProxyStatus.collectStats`).
 final class LoopStats {
   let names = CallStatNames()
-  private(set) var counters: [String: UInt64] = [:]
-  private(set) var gauges: [String: Int64] = [:]
-  private(set) var histograms: [String: LatencyHistogram] = [:]
+  private var counters: [String: StatCounter] = [:]
+  private var gauges: [String: StatGauge] = [:]
+  private var histograms: [String: StatHistogram] = [:]
 
+  init() {
+    self.names.stats = self
+  }
+
+  func counter(_ name: String) -> StatCounter {
+    if let counter = self.counters[name] { return counter }
+    let counter = StatCounter()
+    self.counters[name] = counter
+    return counter
+  }
+
+  func gauge(_ name: String) -> StatGauge {
+    if let gauge = self.gauges[name] { return gauge }
+    let gauge = StatGauge()
+    self.gauges[name] = gauge
+    return gauge
+  }
+
+  func histogram(_ name: String) -> StatHistogram {
+    if let histogram = self.histograms[name] { return histogram }
+    let histogram = StatHistogram()
+    self.histograms[name] = histogram
+    return histogram
+  }
+
+  /// For the rarer events (connections, retries, timeouts): by name.
   func count(_ name: String, by amount: UInt64 = 1) {
-    self.counters[name, default: 0] &+= amount
+    self.counter(name).add(amount)
   }
 
   func gauge(_ name: String, by delta: Int64) {
-    self.gauges[name, default: 0] += delta
-  }
-
-  func record(_ name: String, since start: NIODeadline) {
-    let ms = Double((NIODeadline.now() - start).nanoseconds) / 1_000_000
-    self.histograms[name, default: LatencyHistogram()].record(milliseconds: ms)
+    self.gauge(name).value += delta
   }
 
   var snapshot: StatsSnapshot {
-    StatsSnapshot(counters: self.counters, gauges: self.gauges, histograms: self.histograms)
+    StatsSnapshot(
+      counters: self.counters.mapValues(\.value), gauges: self.gauges.mapValues(\.value),
+      histograms: self.histograms.mapValues(\.histogram))
   }
 
-  // MARK: - What the call path reports
+  // MARK: - Client connections
 
   /// A client connection accepted on a listener (its address in Envoy's form, `0.0.0.0_8080`)
   /// whose connection manager has `stat_prefix`.
-  func connectionOpened(listenerAddress: String, statPrefix: String) {
-    self.count("listener.\(listenerAddress).downstream_cx_total")
-    self.gauge("listener.\(listenerAddress).downstream_cx_active", by: 1)
-    self.count("http.\(statPrefix).downstream_cx_total")
-    self.gauge("http.\(statPrefix).downstream_cx_active", by: 1)
+  func connectionOpened(_ names: HTTPStatNames) {
+    names.listenerConnections.add()
+    names.listenerActive.value += 1
+    names.connections.add()
+    names.active.value += 1
   }
 
-  func connectionClosed(listenerAddress: String, statPrefix: String) {
-    self.gauge("listener.\(listenerAddress).downstream_cx_active", by: -1)
-    self.gauge("http.\(statPrefix).downstream_cx_active", by: -1)
+  func connectionClosed(_ names: HTTPStatNames) {
+    names.listenerActive.value -= 1
+    names.active.value -= 1
   }
 }
 
@@ -246,80 +288,117 @@ enum PrometheusName {
   }
 }
 
-/// A connection manager's stat names, made once rather than per call.
-struct HTTPStatNames: Sendable {
-  let requestTotal: String
-  let requestTime: String
+/// A connection manager's stats on one loop, resolved once rather than per call.
+final class HTTPStatNames {
+  let requestTotal: StatCounter
+  let requestTime: StatHistogram
   /// `downstream_rq_1xx` … `downstream_rq_5xx`, by the status's first digit.
-  let requestClass: [String]
-  let listenerAddress: String
-  let statPrefix: String
+  let requestClass: [StatCounter]
+  let connections: StatCounter
+  let active: StatGauge
+  let listenerConnections: StatCounter
+  let listenerActive: StatGauge
 
-  init(statPrefix: String, listenerAddress: String) {
+  init(stats: LoopStats, statPrefix: String, listenerAddress: String) {
     let base = "http.\(statPrefix)."
-    self.requestTotal = base + "downstream_rq_total"
-    self.requestTime = base + "downstream_rq_time"
-    self.requestClass = (0...5).map { base + "downstream_rq_\($0)xx" }
-    self.listenerAddress = listenerAddress
-    self.statPrefix = statPrefix
+    self.requestTotal = stats.counter(base + "downstream_rq_total")
+    self.requestTime = stats.histogram(base + "downstream_rq_time")
+    self.requestClass = (0...5).map { stats.counter(base + "downstream_rq_\($0)xx") }
+    self.connections = stats.counter(base + "downstream_cx_total")
+    self.active = stats.gauge(base + "downstream_cx_active")
+    self.listenerConnections = stats.counter("listener.\(listenerAddress).downstream_cx_total")
+    self.listenerActive = stats.gauge("listener.\(listenerAddress).downstream_cx_active")
   }
 }
 
-/// A cluster's per-call stat names, made once per loop.
-struct ClusterStatNames {
-  let requestTotal: String
-  let requestTime: String
-  let requestClass: [String]
+/// A cluster's per-call stats on one loop.
+final class ClusterStatNames {
+  let requestTotal: StatCounter
+  let requestTime: StatHistogram
+  let requestClass: [StatCounter]
   let prefix: String
+  private unowned let stats: LoopStats
+  private var byStatus: [Int: StatCounter] = [:]
 
-  init(cluster: String) {
+  init(stats: LoopStats, cluster: String) {
+    self.stats = stats
     self.prefix = "cluster.\(cluster)."
-    self.requestTotal = self.prefix + "upstream_rq_total"
-    self.requestTime = self.prefix + "upstream_rq_time"
-    self.requestClass = (0...5).map { "cluster.\(cluster).upstream_rq_\($0)xx" }
+    self.requestTotal = stats.counter(self.prefix + "upstream_rq_total")
+    self.requestTime = stats.histogram(self.prefix + "upstream_rq_time")
+    self.requestClass = (0...5).map { stats.counter("cluster.\(cluster).upstream_rq_\($0)xx") }
+  }
+
+  /// Per gRPC bridge ("grpc-web", "grpc"), per path: the method's stats, found with no key
+  /// built per call.
+  var methods: [String: [String: MethodStatNames]] = [:]
+
+  /// `upstream_rq_<code>`.
+  func status(_ code: Int) -> StatCounter {
+    if let counter = self.byStatus[code] { return counter }
+    let counter = self.stats.counter(self.prefix + "upstream_rq_\(code)")
+    self.byStatus[code] = counter
+    return counter
   }
 }
 
 extension LoopStats {
-  /// The names of gRPC methods' stats, per cluster and path, kept for at most this many
-  /// methods per loop: the path comes from the client, and a client inventing paths must not
-  /// grow the table without end. Methods beyond it are counted as `unknown.unknown`.
+  /// The stats of gRPC methods, per cluster and path, kept for at most this many methods per
+  /// loop: the path comes from the client, and a client inventing paths must not grow the table
+  /// without end. Methods beyond it are counted as `unknown.unknown`.
   static let maxMethods = 1000
+}
 
-  struct MethodStatNames {
-    let total: String
-    let success: String
-    let failure: String
-    let prefix: String
+/// A gRPC method's stats on one loop: `cluster.<name>.grpc-web.<service>.<method>.*`.
+final class MethodStatNames {
+  let total: StatCounter
+  let success: StatCounter
+  let failure: StatCounter
+  private let prefix: String
+  private unowned let stats: LoopStats
+  private var byStatus: [Int: StatCounter] = [:]
+
+  init(stats: LoopStats, prefix: String) {
+    self.stats = stats
+    self.prefix = prefix
+    self.total = stats.counter(prefix + "total")
+    self.success = stats.counter(prefix + "success")
+    self.failure = stats.counter(prefix + "failure")
+  }
+
+  func status(_ code: Int) -> StatCounter {
+    if let counter = self.byStatus[code] { return counter }
+    let counter = self.stats.counter(self.prefix + String(code))
+    self.byStatus[code] = counter
+    return counter
   }
 }
 
-/// The per-call part of LoopStats, kept apart from the dictionaries it fills.
+/// The per-call stats of one loop's clusters and methods, resolved on first use.
 final class CallStatNames {
+  unowned(unsafe) var stats: LoopStats!
   private var clusters: [String: ClusterStatNames] = [:]
-  private var methods: [String: LoopStats.MethodStatNames] = [:]
+  private var methodCount = 0
 
   func cluster(_ name: String) -> ClusterStatNames {
     if let names = self.clusters[name] { return names }
-    let names = ClusterStatNames(cluster: name)
+    let names = ClusterStatNames(stats: self.stats, cluster: name)
     self.clusters[name] = names
     return names
   }
 
-  /// Envoy's `cluster.<name>.grpc-web.<service>.<method>.*` for a path `/service/method`.
-  func method(cluster: String, path: String, bridge: String) -> LoopStats.MethodStatNames {
-    let key = bridge + "|" + cluster + "|" + path
-    if let names = self.methods[key] { return names }
-    var service = "unknown"
-    var method = "unknown"
+  /// Envoy's `cluster.<name>.<bridge>.<service>.<method>.*` for a path `/service/method`.
+  func method(cluster name: String, path: String, bridge: String) -> MethodStatNames {
+    let cluster = self.cluster(name)
+    if let names = cluster.methods[bridge]?[path] { return names }
     let parts = path.split(separator: "/", omittingEmptySubsequences: false)
-    if parts.count == 3, parts[0].isEmpty, !parts[1].isEmpty, !parts[2].isEmpty, self.methods.count < LoopStats.maxMethods {
-      service = String(parts[1])
-      method = String(parts[2].prefix(while: { $0 != "?" }))
-    }
-    let prefix = "cluster.\(cluster).\(bridge).\(service).\(method)."
-    let names = LoopStats.MethodStatNames(total: prefix + "total", success: prefix + "success", failure: prefix + "failure", prefix: prefix)
-    if self.methods.count < LoopStats.maxMethods { self.methods[key] = names }
+    let known = parts.count == 3 && parts[0].isEmpty && !parts[1].isEmpty && !parts[2].isEmpty
+    let full = self.methodCount >= LoopStats.maxMethods
+    let key = known && !full ? path : ""
+    if let names = cluster.methods[bridge]?[key] { return names }
+    let method = known && !full ? "\(parts[1]).\(parts[2].prefix(while: { $0 != "?" }))" : "unknown.unknown"
+    let names = MethodStatNames(stats: self.stats, prefix: "\(cluster.prefix)\(bridge).\(method).")
+    cluster.methods[bridge, default: [:]][key] = names
+    if !key.isEmpty { self.methodCount += 1 }
     return names
   }
 }

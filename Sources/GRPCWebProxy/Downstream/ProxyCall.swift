@@ -44,7 +44,7 @@ final class ListenerRuntime {
     self.stats = stats
     // Envoy names a listener's stats by its address: listener.0.0.0.0_8080.…
     let address = listener.address.unixSocketPath ?? "\(listener.address.host)_\(listener.address.port)"
-    self.statNames = HTTPStatNames(statPrefix: listener.statPrefix, listenerAddress: address)
+    self.statNames = HTTPStatNames(stats: stats, statPrefix: listener.statPrefix, listenerAddress: address)
   }
 }
 
@@ -741,25 +741,25 @@ final class ProxyCall: UpstreamStreamDelegate {
     self.recorded = true
     let stats = self.runtime.stats
     let names = self.runtime.statNames
-    stats.count(names.requestTotal)
-    if let status = self.responseStatus, (100...599).contains(status) { stats.count(names.requestClass[status / 100]) }
-    stats.record(names.requestTime, since: self.callStart)
+    names.requestTotal.add()
+    if let status = self.responseStatus, (100...599).contains(status) { names.requestClass[status / 100].add() }
+    names.requestTime.record(since: self.callStart)
     guard !self.clusterName.isEmpty else { return }
     if let start = self.upstreamStart {
       let cluster = stats.names.cluster(self.clusterName)
       if let status = self.upstreamHTTPStatus, (100...599).contains(status) {
-        stats.count(cluster.requestClass[status / 100])
-        stats.count(cluster.prefix + "upstream_rq_\(status)")
+        cluster.requestClass[status / 100].add()
+        cluster.status(status).add()
       }
-      stats.record(cluster.requestTime, since: start)
+      cluster.requestTime.record(since: start)
     }
     if let bridge = self.grpcBridge, let path = self.methodPath {
       let status = self.clientGRPCStatus ?? self.translator.bodyTrailerStatus
       guard let status else { return }
       let method = stats.names.method(cluster: self.clusterName, path: path, bridge: bridge)
-      stats.count(method.total)
-      stats.count(status == 0 ? method.success : method.failure)
-      stats.count(method.prefix + String(status))
+      method.total.add()
+      (status == 0 ? method.success : method.failure).add()
+      method.status(status).add()
     }
   }
 

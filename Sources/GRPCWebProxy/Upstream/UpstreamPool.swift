@@ -139,7 +139,7 @@ final class LoopUpstreams {
     self.attempt(state, for: delegate, tried: [], completion: { result in
       switch result {
       case .failure: state.counters.activeRequests.subtract(1, ordering: .relaxed)
-      case .success: stats.count(stats.names.cluster(name).requestTotal)
+      case .success: stats.names.cluster(name).requestTotal.add()
       }
       completion(result)
     })

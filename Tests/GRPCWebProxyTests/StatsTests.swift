@@ -1,0 +1,46 @@
+import Testing
+
+@testable import GRPCWebProxy
+
+@Suite struct StatsTests {
+  @Test func prometheusNamesAndTagsAreEnvoys() {
+    let clusters = ["user", "user.v2"]
+    func split(_ name: String) -> String {
+      let (metric, tags) = PrometheusName.split(name, clusters: clusters)
+      return metric + "{" + tags.map { "\($0.0)=\($0.1)" }.joined(separator: ",") + "}"
+    }
+    #expect(split("cluster.user.upstream_rq_total") == "envoy_cluster_upstream_rq_total{envoy_cluster_name=user}")
+    #expect(split("cluster.user.v2.upstream_cx_active") == "envoy_cluster_upstream_cx_active{envoy_cluster_name=user.v2}")
+    #expect(split("cluster.user.upstream_rq_503") == "envoy_cluster_upstream_rq{envoy_cluster_name=user,envoy_response_code=503}")
+    #expect(split("cluster.user.upstream_rq_5xx") == "envoy_cluster_upstream_rq_xx{envoy_cluster_name=user,envoy_response_code_class=5}")
+    #expect(split("http.ingress_http.downstream_rq_2xx")
+      == "envoy_http_downstream_rq_xx{envoy_http_conn_manager_prefix=ingress_http,envoy_response_code_class=2}")
+    #expect(split("listener.0.0.0.0_8080.downstream_cx_total") == "envoy_listener_downstream_cx_total{envoy_listener_address=0.0.0.0_8080}")
+    #expect(split("cluster.user.grpc-web.demo.User.login.success")
+      == "envoy_cluster_grpc_web_success{envoy_cluster_name=user,envoy_grpc_bridge_service=demo.User,envoy_grpc_bridge_method=login}")
+    #expect(split("server.live") == "envoy_server_live{}")
+  }
+
+  @Test func methodsInventedByClientsAreCappedPerLoop() {
+    let stats = LoopStats()
+    for i in 0..<(LoopStats.maxMethods + 50) {
+      stats.names.method(cluster: "c", path: "/svc\(i)/m", bridge: "grpc-web").total.add()
+    }
+    stats.names.method(cluster: "c", path: "not-a-method", bridge: "grpc-web").total.add()
+    let counters = stats.snapshot.counters
+    #expect(counters["cluster.c.grpc-web.svc0.m.total"] == 1)
+    #expect(counters["cluster.c.grpc-web.unknown.unknown.total"] == 51)
+    #expect(counters.keys.filter { $0.hasSuffix(".total") }.count == LoopStats.maxMethods + 1)
+  }
+
+  @Test func histogramQuantilesComeFromTheBuckets() {
+    var h = LatencyHistogram()
+    #expect(h.quantile(0.5) == nil)
+    for ms in [0.2, 0.7, 3, 3, 40] { h.record(milliseconds: ms) }
+    #expect(h.count == 5)
+    #expect(h.buckets[0] == 1 && h.buckets[1] == 1 && h.buckets[2] == 2 && h.buckets[5] == 1)
+    let p50 = h.quantile(0.5)!
+    #expect(p50 > 1 && p50 <= 5)
+    #expect(h.quantile(1)! <= 50 && h.quantile(1)! > 25)
+  }
+}
