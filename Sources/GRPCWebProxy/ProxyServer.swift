@@ -299,7 +299,10 @@ public final class ProxyServer: Service {
           stats.connectionOpened(names)
           channel.closeFuture.assumeIsolated().whenComplete { _ in stats.connectionClosed(names) }
           if let tls {
-            try DownstreamTLSPipeline.configure(channel, listener: tls, codec: { runtimes[$0].listener.codec }) { context, chain, proto in
+            try DownstreamTLSPipeline.configure(
+              channel, listener: tls, codec: { runtimes[$0].listener.codec },
+              idleTimeout: { runtimes[$0].listener.idleTimeout.map { TimeAmount.nanoseconds($0.nanoseconds) } }
+            ) { context, chain, proto in
               switch proto {
               case .http1: try Self.configureHTTP1(context.pipeline.syncOperations, runtime: runtimes[chain], scheme: "https")
               case .http2: try Self.configureHTTP2(context.pipeline.syncOperations, runtime: runtimes[chain], scheme: "https")

@@ -561,3 +561,29 @@ def test_the_backend_hears_how_the_client_connected(certs, transport):
         backend.close()
     expected = "http" if transport == "plain-http1" else "https"
     assert [h.get("x-forwarded-proto") for h in backend.requests] == [expected]
+
+
+def test_a_silent_client_without_alpn_is_closed_after_idle_timeout(certs):
+    """With no ALPN the protocol is told from the first bytes after the handshake; a client that
+    sends none is closed after common_http_protocol_options.idle_timeout, as in cleartext."""
+    port = free_port()
+    listener = with_chain(envoy_yaml.listener("tls", port, VHOSTS), downstream(certs / "server.crt", certs / "server.key"))
+    listener = listener.replace("stat_prefix: tls", "stat_prefix: tls\n          common_http_protocol_options: { idle_timeout: 1s }")
+    p = start_proxy(envoy_yaml.config([listener], [envoy_yaml.cluster("users", [free_port()]),
+                                                   envoy_yaml.cluster("badca", [free_port()]),
+                                                   envoy_yaml.cluster("nocert", [free_port()])]), port)
+    try:
+        ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                assert tls.selected_alpn_protocol() is None
+                t0 = time.monotonic()
+                try:
+                    data = tls.recv(100)
+                except (ssl.SSLError, ConnectionResetError):
+                    data = b""
+                waited = time.monotonic() - t0
+        assert data == b"", data
+        assert 0.8 <= waited < 5, f"closed after {waited:.1f} s"
+    finally:
+        p.stop()

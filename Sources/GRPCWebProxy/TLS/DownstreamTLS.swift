@@ -180,6 +180,7 @@ enum DownstreamTLSPipeline {
   /// handshake is done, HTTP/2 or HTTP/1.1 by ALPN (or by the first bytes, without ALPN).
   static func configure(
     _ channel: any Channel, listener: TLSListener, codec: @escaping (Int) -> CodecType,
+    idleTimeout: @escaping (Int) -> TimeAmount? = { _ in nil },
     configureHTTP: @escaping (ChannelHandlerContext, Int, ProtocolDetector.Detected) throws -> Void
   ) throws {
     let tracker = TLSHandshakeTracker(listener: listener, channel: channel)
@@ -198,7 +199,9 @@ enum DownstreamTLSPipeline {
       tracker.choseChain(index)
       let chain = listener.chains[index]
       let ssl = NIOSSLServerHandler(context: chain.context.current)
-      let handshake = TLSServerHandshakeHandler(tracker: tracker, chain: chain, codec: codec(index), sslHandler: ssl) {
+      let handshake = TLSServerHandshakeHandler(
+        tracker: tracker, chain: chain, codec: codec(index), idleTimeout: idleTimeout(index), sslHandler: ssl
+      ) {
         context, proto in try configureHTTP(context, index, proto)
       }
       do {
@@ -254,16 +257,21 @@ final class TLSServerHandshakeHandler: ChannelInboundHandler, RemovableChannelHa
   private let tracker: TLSHandshakeTracker
   private let chain: TLSListener.Chain
   private let codec: CodecType
+  /// `idle_timeout`: a client that completes the handshake and then says nothing is closed
+  /// after it, as on a cleartext connection.
+  private let idleTimeout: TimeAmount?
   private let sslHandler: NIOSSLServerHandler
   private let configureHTTP: (ChannelHandlerContext, ProtocolDetector.Detected) throws -> Void
 
   init(
-    tracker: TLSHandshakeTracker, chain: TLSListener.Chain, codec: CodecType, sslHandler: NIOSSLServerHandler,
+    tracker: TLSHandshakeTracker, chain: TLSListener.Chain, codec: CodecType, idleTimeout: TimeAmount? = nil,
+    sslHandler: NIOSSLServerHandler,
     configureHTTP: @escaping (ChannelHandlerContext, ProtocolDetector.Detected) throws -> Void
   ) {
     self.tracker = tracker
     self.chain = chain
     self.codec = codec
+    self.idleTimeout = idleTimeout
     self.sslHandler = sslHandler
     self.configureHTTP = configureHTTP
   }
@@ -295,7 +303,8 @@ final class TLSServerHandshakeHandler: ChannelInboundHandler, RemovableChannelHa
         case .auto:
           // No ALPN: tell HTTP/2 (prior knowledge) from HTTP/1.1 by the first bytes, as in cleartext.
           let configure = self.configureHTTP
-          try context.pipeline.syncOperations.addHandler(ProtocolDetector { context, proto in try configure(context, proto) })
+          try context.pipeline.syncOperations.addHandler(
+            ProtocolDetector(idleTimeout: self.idleTimeout) { context, proto in try configure(context, proto) })
         }
       }
     } catch {
