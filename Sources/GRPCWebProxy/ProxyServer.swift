@@ -133,6 +133,19 @@ public final class ProxyServer: Service {
       for channel in channels { try? await channel.close() }
       throw error
     }
+    // The admin port's /drain_listeners: stop accepting (and, graceful, drain the connections:
+    // GOAWAY, `connection: close`); the process and its admin port carry on.
+    let listenerChannels = Array(channels.dropLast(config.admin?.address == nil ? 0 : 1))
+    let status = self.status
+    self.status.setDrainListeners { graceful in
+      status.setDraining()
+      logger.info("admin /drain_listeners\(graceful ? "?graceful" : ""): listeners closed")
+      for channel in listenerChannels { channel.close(promise: nil) }
+      guard graceful else { return }
+      for (_, state) in loops {
+        state.eventLoop.execute { state.value.connections.startDrain() }
+      }
+    }
     await self.onListening(bound)
 
     try? await withThrowingDiscardingTaskGroup { group in

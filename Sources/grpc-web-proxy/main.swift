@@ -60,11 +60,10 @@ struct GRPCWebProxyCommand: AsyncParsableCommand {
   var baseID: Int?
 
   func run() async throws {
-    let level = Logger.Level(rawValue: self.logLevel.lowercased()) ?? (self.logLevel.lowercased() == "warn" ? .warning : .info)
+    RuntimeLogLevel.current = RuntimeLogLevel.parse(self.logLevel) ?? .info
     LoggingSystem.bootstrap { label in
-      var handler = StreamLogHandler.standardError(label: label)
-      handler.logLevel = level
-      return handler
+      // The level can change at run time (the admin port's /logging?level=).
+      AdjustableLogHandler(StreamLogHandler.standardError(label: label))
     }
     let logger = Logger(label: "grpc-web-proxy")
     if let target = self.probeReady {

@@ -4,6 +4,7 @@ and /clusters?format=json in Envoy's shapes."""
 
 import json
 import re
+import time
 import urllib.request
 
 import pytest
@@ -42,8 +43,14 @@ def proxied(replicas):
                              [envoy_yaml.cluster("users", [r.port for r in replicas], connect_timeout="0.5s")],
                              admin_port=admin)
     p = start_proxy(text, port)
+    p.admin = admin
+    proxies.append(p)
     yield port, admin
+    proxies.remove(p)
     p.stop()
+
+
+proxies = []
 
 
 def test_stats_after_known_traffic(proxied):
@@ -148,3 +155,49 @@ def test_a_bad_filter_and_unknown_paths_say_why(proxied):
         admin_get(admin, "/nosuch")
     assert e.value.code == 404
     assert "/stats/prometheus" in e.value.read().decode()
+
+
+def admin_post(admin, path):
+    req = urllib.request.Request(f"http://127.0.0.1:{admin}{path}", method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_the_log_level_changes_at_run_time(proxied):
+    port, admin = proxied
+    proxy = proxies[-1]
+    assert admin_get(admin, "/logging")[2] == "active loggers:\n  grpc-web-proxy: info\n"
+    # A change is a POST, as in Envoy; a bad level says which ones there are.
+    with pytest.raises(urllib.error.HTTPError) as e:
+        admin_get(admin, "/logging?level=debug")
+    assert e.value.code == 405
+    assert admin_post(admin, "/logging?level=loud")[0] == 404
+    h1 = HTTP1(port)
+    h1.call("/demo.User/login", login_req("demo", "demo123"))
+    assert " debug " not in proxy.output()
+    assert admin_post(admin, "/logging?level=debug") == (200, "active loggers:\n  grpc-web-proxy: debug\n")
+    h1.call("/demo.User/nosuch", b"")
+    h1.close()
+    assert " debug " in proxy.output()
+    assert admin_post(admin, "/logging?level=warn")[1].endswith("warning\n")
+
+
+def test_drain_listeners_stops_accepting_and_the_admin_port_stays(proxied):
+    port, admin = proxied
+    h1 = HTTP1(port)
+    assert h1.call("/demo.User/login", login_req("demo", "demo123")).grpc_status == 0
+    assert admin_post(admin, "/drain_listeners?graceful") == (200, "OK\n")
+    # The open connection is told to close after its next answer; new ones are refused.
+    reply = h1.call("/demo.User/login", login_req("demo", "demo123"))
+    assert reply.grpc_status == 0 and reply.headers.get("connection") == "close"
+    with pytest.raises(ConnectionRefusedError):
+        for _ in range(50):
+            HTTP1(port).call("/demo.User/login", login_req("demo", "demo123"))
+            time.sleep(0.05)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        admin_get(admin, "/ready")
+    assert e.value.code == 503
+    assert text_stats(admin)["server.live"] == "0"

@@ -15,6 +15,8 @@ final class AdminHandler: ChannelInboundHandler {
       GET  /stats              Envoy's stats by Envoy's names (?format=json, ?filter=REGEX)
       GET  /stats/prometheus   the same in Prometheus' text format, with Envoy's metric names and tags
       GET  /server_info        state, uptime and concurrency, as JSON
+      GET  /logging            the log level; POST /logging?level=LEVEL changes it (trace … critical, off)
+      POST /drain_listeners    stop accepting connections (?graceful: and drain those open)
       POST /healthcheck/fail   make /ready answer 503 (take the proxy out of rotation)
       POST /healthcheck/ok     undo /healthcheck/fail
 
@@ -124,6 +126,26 @@ final class AdminHandler: ChannelInboundHandler {
       return (.ok, self.status.clustersText())
     case "/stats", "/stats/prometheus":
       return (.methodNotAllowed, "use GET\n")
+    case "/logging":
+      let query = head.uri.split(separator: "?", maxSplits: 1).dropFirst().first.map(String.init) ?? ""
+      let level = query.split(separator: "&").first { $0.hasPrefix("level=") }.map { String($0.dropFirst("level=".count)) }
+      if let level {
+        // Changes state, so POST only, as in Envoy.
+        guard head.method == .POST else { return (.methodNotAllowed, "use POST\n") }
+        guard let parsed = RuntimeLogLevel.parse(level) else {
+          return (.notFound, "unknown level \(level): trace, debug, info, warning, error, critical or off\n")
+        }
+        RuntimeLogLevel.current = parsed
+      } else if !query.isEmpty {
+        return (.notFound, "usage: /logging?level=LEVEL\n")
+      }
+      return (.ok, "active loggers:\n  grpc-web-proxy: \(RuntimeLogLevel.current)\n")
+    case "/drain_listeners":
+      guard head.method == .POST else { return (.methodNotAllowed, "use POST\n") }
+      guard self.status.drainListeners(graceful: head.uri.contains("graceful")) else {
+        return (.serviceUnavailable, "no listeners yet\n")
+      }
+      return (.ok, "OK\n")
     case "/server_info":
       guard isRead else { return (.methodNotAllowed, "use GET\n") }
       return (.ok, self.status.serverInfo())

@@ -28,6 +28,19 @@ public final class ProxyStatus: Sendable {
 
   public init() {}
 
+  private let drainListeners = Mutex<(@Sendable (Bool) -> Void)?>(nil)
+
+  func setDrainListeners(_ action: @escaping @Sendable (Bool) -> Void) {
+    self.drainListeners.withLock { $0 = action }
+  }
+
+  /// `/drain_listeners`: false when the server has no listeners to drain yet.
+  func drainListeners(graceful: Bool) -> Bool {
+    guard let action = self.drainListeners.withLock({ $0 }) else { return false }
+    action(graceful)
+    return true
+  }
+
   func register(_ stats: NIOLoopBound<LoopStats>) {
     self.loopStats.withLock { $0.append(stats) }
   }
