@@ -258,3 +258,19 @@ extension StringMatcher {
     }
   }
 }
+
+extension HeaderMatcher {
+  /// Whether a request's headers satisfy this matcher (a regex is compiled per use: for the
+  /// access log's header_filter, not for routing).
+  public func matchesHeaders(_ headers: HPACKHeaders) -> Bool {
+    let values = headers[canonicalForm: self.name]
+    var result: Bool
+    switch self.kind {
+    case .present(let present):
+      result = values.isEmpty != present
+    case .string(let sm):
+      result = values.isEmpty ? false : sm.matches(values.joined(separator: ","))
+    }
+    return self.invert ? !result : result
+  }
+}

@@ -78,6 +78,11 @@ public final class ProxyServer: Service {
     let directory = UpstreamDirectory(clusters: config.clusters, status: self.status, logger: logger)
     let events = directory.events
     let counters = directory.counters
+    // Access log files are opened before anything listens: one that cannot be written stops
+    // the start with its path and the reason.
+    let logSinks = Set(config.listeners.flatMap { ([$0] + $0.otherChains).flatMap { $0.accessLogs.map(\.sink) } })
+    let logFiles = logSinks.isEmpty ? nil : try AccessLogFiles(sinks: logSinks)
+    defer { logFiles?.shutdown() }
     for loop in self.group.makeIterator() {
       let status = self.status
       let state = try await loop.submit {
@@ -89,8 +94,12 @@ public final class ProxyServer: Service {
         let connections = LoopConnections()
         let listeners = zip(config.listeners, routeTables).map { listener, tables in
           zip([listener] + listener.otherChains, tables).map {
-            ListenerRuntime(listener: $0, routes: $1, upstreams: upstreams, connections: connections, logger: logger,
+            let runtime = ListenerRuntime(listener: $0, routes: $1, upstreams: upstreams, connections: connections, logger: logger,
               maxTextFrameSize: Self.defaultMaxTextFrameSize, stats: stats)
+            if let logFiles, !$0.accessLogs.isEmpty {
+              runtime.accessLog = LoopAccessLog(configs: $0.accessLogs, files: logFiles, eventLoop: loop)
+            }
+            return runtime
           }
         }
         return NIOLoopBound(LoopState(upstreams: upstreams, connections: connections, stats: stats, listeners: listeners), eventLoop: loop)
@@ -206,6 +215,9 @@ public final class ProxyServer: Service {
     }
     logger.info("stopped")
     for channel in channels { try? await channel.close() }
+    for (_, state) in loops {
+      try? await state.eventLoop.submit { for runtimes in state.value.listeners { for r in runtimes { r.accessLog?.flushAll() } } }.get()
+    }
     for (_, state) in loops {
       try? await state.eventLoop.submit { state.value.upstreams.closeAll() }.get()
     }

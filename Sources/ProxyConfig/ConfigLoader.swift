@@ -305,7 +305,8 @@ struct Reader {
     address: HostAndPort,
     clusters: [Cluster]
   ) throws(ConfigError) -> Listener {
-    m.accept("@type", "stat_prefix", "access_log", "use_remote_address", "xff_num_trusted_hops", "generate_request_id",
+    let accessLogs = try m.optional("access_log").map { v throws(ConfigError) in try self.accessLogs(v) } ?? []
+    m.accept("@type", "stat_prefix", "use_remote_address", "xff_num_trusted_hops", "generate_request_id",
       "server_name", "http_protocol_options", "http2_protocol_options",
       "request_timeout", "upgrade_configs", "normalize_path", "merge_slashes",
       "skip_xff_append", "via", "forward_client_cert_details", "set_current_client_cert_details", "tracing")
@@ -390,6 +391,7 @@ struct Reader {
     if let headersTimeout, !headersTimeout.isZero { listener.requestHeadersTimeout = headersTimeout }
     // Required by Envoy; without one the stats are named after the listener.
     if let prefix = try m.optional("stat_prefix")?.string(), !prefix.isEmpty { listener.statPrefix = prefix }
+    listener.accessLogs = accessLogs
     return listener
   }
 

@@ -123,6 +123,8 @@ public struct Listener: Sendable, Hashable {
   public var maxConnections: Int?
   /// The connection manager's `stat_prefix`: its stats are `http.<stat_prefix>.…`.
   public var statPrefix: String
+  /// The connection manager's `access_log` entries.
+  public var accessLogs: [AccessLogConfig] = []
 
   public init(
     name: String,

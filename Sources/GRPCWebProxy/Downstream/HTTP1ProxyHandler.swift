@@ -83,6 +83,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream, Drainabl
       self.requestOpen = true
       self.keepAlive = head.isKeepAlive && !self.draining
       self.responseEnded = false
+      self.version = head.version
       var headers = HPACKHeaders()
       headers.reserveCapacity(head.headers.count + 4)
       headers.add(name: ":method", value: head.method.rawValue)
@@ -231,6 +232,14 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream, Drainabl
   }
 
   var isWritable: Bool { self.context?.channel.isWritable ?? false }
+
+  private var version = HTTPVersion.http1_1
+
+  var connectionInfo: DownstreamConnectionInfo {
+    DownstreamConnectionInfo(
+      protocolName: "HTTP/\(self.version.major).\(self.version.minor)",
+      remote: self.context?.channel.remoteAddress, local: self.context?.channel.localAddress)
+  }
 
   /// One call at a time: the connection's reading is the call's request body.
   func setReadingPaused(_ paused: Bool) {

@@ -202,6 +202,10 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
 
   fileprivate var isWritable: Bool { self.context?.channel.isWritable ?? false }
 
+  fileprivate var connectionInfo: DownstreamConnectionInfo {
+    DownstreamConnectionInfo(protocolName: "HTTP/2", remote: self.context?.channel.remoteAddress, local: self.context?.channel.localAddress)
+  }
+
   fileprivate func returnWindow(_ stream: HTTP2DownstreamStream, force: Bool = false) {
     guard !stream.readingPaused, !stream.requestEnded, stream.owed > 0,
       force || stream.owed >= Self.streamWindow / 2
@@ -423,4 +427,6 @@ final class HTTP2DownstreamStream: DownstreamStream {
   }
 
   var isWritable: Bool { self.unsent <= self.bufferLimit && self.connection.isWritable }
+
+  var connectionInfo: DownstreamConnectionInfo { self.connection.connectionInfo }
 }

@@ -18,6 +18,8 @@ protocol DownstreamStream: AnyObject {
   func abort()
   func flush()
   var isWritable: Bool { get }
+  /// The client connection, for the access log.
+  var connectionInfo: DownstreamConnectionInfo { get }
 }
 
 /// What a call needs from its listener, shared by the listener's connections on one event loop.
@@ -30,6 +32,8 @@ final class ListenerRuntime {
   let maxTextFrameSize: Int
   let stats: LoopStats
   let statNames: HTTPStatNames
+  /// The connection manager's access logs on this loop, nil without any.
+  var accessLog: LoopAccessLog?
 
   init(
     listener: Listener, routes: RouteTable, upstreams: LoopUpstreams, connections: LoopConnections,
@@ -126,6 +130,8 @@ final class ProxyCall: UpstreamStreamDelegate {
   private var methodPath: String?
   private var grpcBridge: String?
   private var recorded = false
+  /// The access log's record, kept only when the connection manager has an access log.
+  private var log: CallLogRecord?
 
   /// `https` when the client's connection is TLS.
   private let connectionScheme: String
@@ -150,6 +156,14 @@ final class ProxyCall: UpstreamStreamDelegate {
   func receiveHead(_ headers: HPACKHeaders, endStream: Bool) {
     guard case .awaitingHead = self.request else { return }
     self.callStart = .now()
+    if self.runtime.accessLog != nil, let downstream = self.downstream {
+      let log = CallLogRecord()
+      log.start = self.callStart
+      log.requestHeaders = headers
+      log.connection = downstream.connectionInfo
+      if endStream { log.requestEnd = self.callStart }
+      self.log = log
+    }
     let method = headers.first(name: ":method") ?? "GET"
     let path = headers.first(name: ":path") ?? "/"
     let authority = headers.first(name: ":authority") ?? ""
@@ -186,6 +200,7 @@ final class ProxyCall: UpstreamStreamDelegate {
     guard let entry = self.runtime.routes.match(authority: authority, path: path, headers: headers, isGRPC: kind.isGRPC) else {
       // Envoy's no-route reply: 404 with an empty body and so no grpc-status (L4).
       self.runtime.logger.debug("no route", metadata: ["authority": "\(authority)", "path": "\(path)"])
+      self.log?.flag("NR")
       self.reject(self.translator.localReply(httpStatus: 404, grpcStatus: nil, message: nil), endStream: endStream)
       return
     }
@@ -242,6 +257,7 @@ final class ProxyCall: UpstreamStreamDelegate {
       guard let name = headers.first(name: header), self.runtime.upstreams.has(cluster: name) else {
         // Envoy's cluster_not_found_response_code: 503.
         self.runtime.logger.debug("cluster_header names no cluster", metadata: ["header": "\(header)"])
+        self.log?.flag("NC")
         self.reject(self.translator.localReply(httpStatus: 503, grpcStatus: 14, message: "cluster not found"), endStream: endStream)
         return
       }
@@ -275,6 +291,10 @@ final class ProxyCall: UpstreamStreamDelegate {
     self.upstream = .opening(pending: [.headers(.init(headers: upstreamHeaders, endStream: endStream))])
 
     self.clusterName = clusterName
+    if let log = self.log {
+      log.cluster = clusterName
+      log.routeName = entry.route.name
+    }
     if let idle = entry.route.timeouts.idleTimeout ?? self.runtime.listener.streamIdleTimeout, !idle.isZero {
       self.idleTimeout = .nanoseconds(idle.nanoseconds)
       self.lastActivity = .now()
@@ -302,6 +322,10 @@ final class ProxyCall: UpstreamStreamDelegate {
       return
     }
     if self.idleTimeout != nil { self.lastActivity = .now() }
+    if let log = self.log {
+      log.bytesReceived += buffer.readableBytes
+      if endStream { log.requestEnd = .now() }
+    }
     var payload = buffer
     if var text = decoder {
       var decoded = self.allocator.buffer(capacity: buffer.readableBytes / 4 * 3 + 3)
@@ -326,6 +350,7 @@ final class ProxyCall: UpstreamStreamDelegate {
   }
 
   func receiveEnd(trailers: HPACKHeaders?) {
+    if let log = self.log, log.requestEnd == nil { log.requestEnd = .now() }
     switch self.request {
     case .forwarding(let decoder):
       if let decoder {
@@ -354,6 +379,7 @@ final class ProxyCall: UpstreamStreamDelegate {
 
   /// The client went away (connection closed or stream reset): cancel the upstream call.
   func downstreamClosed() {
+    self.log?.flag("DC")
     self.downstream = nil
     self.request = .complete
     self.translator.markFinished()
@@ -390,6 +416,7 @@ final class ProxyCall: UpstreamStreamDelegate {
       self.upstream = .open(stream)
       self.upstreamStart = .now()
       self.upstreamHTTPStatus = nil
+      if let log = self.log { log.upstreamHost = stream.connection.endpoint.description }
       // What this attempt has yet to send is what it writes now (a retry sends it again).
       self.upstreamUnsent = 0
       for case .data(let d) in pending { self.upstreamUnsent += d.data.readableBytes }
@@ -409,6 +436,7 @@ final class ProxyCall: UpstreamStreamDelegate {
       }
       self.upstream = .closed
       self.runtime.logger.debug("no upstream stream", metadata: ["reason": "\(error.reason)"])
+      self.log?.flag(error.noHealthyUpstream ? "UH" : error.reason.hasPrefix("overflow") ? "UO" : "UF")
       self.apply(self.translator.fail(error.noHealthyUpstream ? .noHealthyUpstream : .upstreamReset(reason: error.reason)))
     }
   }
@@ -426,6 +454,8 @@ final class ProxyCall: UpstreamStreamDelegate {
     if self.idleTimeout != nil { self.lastActivity = .now() }
     if self.upstreamHTTPStatus == nil, let status = headers.first(name: ":status").flatMap({ Int($0) }), status >= 200 {
       self.upstreamHTTPStatus = status
+    } else if endStream, let log = self.log {
+      log.trailers = headers
     }
     if endStream {
       self.upstreamEnded = true
@@ -495,6 +525,7 @@ final class ProxyCall: UpstreamStreamDelegate {
     }
     if !self.upstreamEnded { self.upstreamOutcome = 503 }
     self.runtime.logger.debug("upstream stream ended early", metadata: ["reason": "\(reason)", "headSent": "\(self.translator.headSent)"])
+    self.log?.flag(reason.hasPrefix("connection termination") ? "UC" : "UR")
     self.apply(self.translator.fail(.upstreamReset(reason: reason)))
   }
 
@@ -603,6 +634,7 @@ final class ProxyCall: UpstreamStreamDelegate {
         return
       }
       self.runtime.logger.debug("stream idle timeout", metadata: ["ms": "\(idle.nanoseconds / 1_000_000)"])
+      self.log?.flag("SI")
       self.apply(self.translator.fail(.timeout(message: "stream timeout", httpStatus: 408)))
     }
   }
@@ -616,6 +648,7 @@ final class ProxyCall: UpstreamStreamDelegate {
       self.runtime.stats.count(self.runtime.stats.names.cluster(self.clusterName).prefix + "upstream_rq_per_try_timeout")
       if self.retry(outcome: 504) { return }
       self.runtime.logger.debug("per-try timeout", metadata: ["ms": "\(timeout.milliseconds)"])
+      self.log?.flag("UT")
       self.apply(self.translator.fail(.timeout(message: "upstream request timeout", httpStatus: 504)))
     }
   }
@@ -653,6 +686,7 @@ final class ProxyCall: UpstreamStreamDelegate {
     guard let plan = self.deadline, !self.translator.isFinished else { return }
     self.runtime.logger.debug("call deadline exceeded", metadata: ["ms": "\(plan.milliseconds ?? 0)"])
     if !self.clusterName.isEmpty { self.runtime.stats.count(self.runtime.stats.names.cluster(self.clusterName).prefix + "upstream_rq_timeout") }
+    self.log?.flag("UT")
     self.apply(self.translator.fail(.timeout(message: plan.timeoutMessage, httpStatus: plan.timeoutHTTPStatus)))
   }
 
@@ -663,6 +697,10 @@ final class ProxyCall: UpstreamStreamDelegate {
 
   private func write(_ output: ResponseTranslator.Output) {
     guard let downstream = self.downstream else { return }
+    if let log = self.log {
+      if let body = output.body { log.bytesSent += body.readableBytes }
+      if log.firstByte == nil, output.head != nil || output.body != nil { log.firstByte = .now() }
+    }
     if let head = output.head {
       self.responseStatus = head.status
       if let status = head.headers.first(name: "grpc-status").flatMap({ Int($0) }) { self.clientGRPCStatus = status }
@@ -677,6 +715,7 @@ final class ProxyCall: UpstreamStreamDelegate {
       if let (levels, request) = self.responseMutations {
         HeaderMutations.apply(levels, to: &head.headers, request: request)
       }
+      self.log?.responseHeaders = head.headers
       let headOnly = output.body == nil && Self.isPlainEnd(output.end)
       downstream.write(head: head, endStream: headOnly)
       if headOnly {
@@ -739,6 +778,16 @@ final class ProxyCall: UpstreamStreamDelegate {
   private func recordStats() {
     guard !self.recorded, self.callStart.uptimeNanoseconds > 0 else { return }
     self.recorded = true
+    if let log = self.log, let accessLog = self.runtime.accessLog {
+      log.end = .now()
+      log.responseCode = self.responseStatus
+      // With no grpc-status anywhere, the one a gRPC client derives from the HTTP status (as
+      // Envoy's %GRPC_STATUS% does: 404 is UNIMPLEMENTED).
+      log.grpcStatus = self.clientGRPCStatus ?? self.translator.bodyTrailerStatus
+        ?? self.responseStatus.map { GRPCProtocol.status(forHTTPStatus: $0) }
+      accessLog.log(log)
+      self.log = nil
+    }
     let stats = self.runtime.stats
     let names = self.runtime.statNames
     names.requestTotal.add()

@@ -1,0 +1,70 @@
+import ProxyConfig
+import Testing
+
+@Suite struct AccessLogConfigTests {
+  func load(_ accessLog: String) throws -> [AccessLogConfig] {
+    let yaml = """
+      static_resources:
+        listeners:
+        - name: l
+          address: { socket_address: { address: 127.0.0.1, port_value: 8080 } }
+          filter_chains:
+          - filters:
+            - name: envoy.http_connection_manager
+              config:
+                stat_prefix: x
+                access_log:
+      \(accessLog)
+                route_config:
+                  virtual_hosts:
+                  - name: a
+                    domains: ["*"]
+                    routes: [{ match: { prefix: "/" }, route: { cluster: c } }]
+                http_filters: [{ name: envoy.router }]
+        clusters:
+        - name: c
+          connect_timeout: 1s
+          http2_protocol_options: {}
+          load_assignment: { cluster_name: c, endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 1 } } } }] }] }
+      """
+    return try ConfigLoader.load(yaml: yaml).configuration.listeners[0].accessLogs
+  }
+
+  @Test func theV2FileLoggerWithItsFormat() throws {
+    let logs = try load("""
+                - name: envoy.file_access_log
+                  config: { path: /dev/stdout, format: "%RESPONSE_CODE%\\n" }
+      """)
+    #expect(logs == [AccessLogConfig(sink: .stdout, format: .text("%RESPONSE_CODE%\n"))])
+  }
+
+  @Test func noFormatIsEnvoysDefault() throws {
+    let logs = try load("""
+                - name: envoy.access_loggers.stderr
+                  typed_config: { "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StderrAccessLog }
+      """)
+    #expect(logs == [AccessLogConfig(sink: .stderr, format: .text(AccessLogConfig.defaultFormat))])
+  }
+
+  @Test func anUnknownGRPCStatusNamesItsPathAndLine() throws {
+    do {
+      _ = try load("""
+                  - name: f
+                    filter: { grpc_status_filter: { statuses: [NOPE] } }
+                    typed_config: { "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog }
+        """)
+      Issue.record("expected an error")
+    } catch let error as ConfigError {
+      #expect(error.message.hasPrefix("unknown gRPC status 'NOPE'"))
+      #expect(error.path.hasSuffix("access_log[0].filter.grpc_status_filter.statuses[0]"))
+      #expect(error.line == 12)  // the filter line, where the status is
+    }
+  }
+
+  @Test func operatorsAreCutAsEnvoyCutsThem() {
+    #expect(AccessLogTemplate.parse("a %REQ(X?Y):5% 100%% %START_TIME(%s)% %bad") == [
+      .literal("a "), .op("REQ", argument: "X?Y", maxLength: 5), .literal(" 100% "),
+      .op("START_TIME", argument: "%s", maxLength: nil), .literal(" %bad"),
+    ])
+  }
+}
