@@ -58,6 +58,7 @@ public final class ProxyServer: Service {
     self.logger = logger
     self.drainTime = drainTime
     self.onListening = onListening
+    if let source = configuration.source { self.status.setConfigSource(source) }
   }
 
   /// Per event loop: the upstream pools, the downstream connections and one runtime per listener.

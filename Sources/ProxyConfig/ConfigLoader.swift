@@ -58,8 +58,44 @@ public enum ConfigLoader {
       }
     }
     sink.warnings.append(contentsOf: dropped)
-    let configuration = try Reader(sink: sink, directory: directory).configuration(YAMLValue(node: root, path: ""))
+    var configuration = try Reader(sink: sink, directory: directory).configuration(YAMLValue(node: root, path: ""))
+    configuration.source = text
     return LoadedConfiguration(configuration: configuration, warnings: sink.warnings)
+  }
+
+  /// The admin port's `/config_dump`: the configuration as JSON in Envoy's envelope
+  /// (`configs[].bootstrap`), with private keys, passwords and secrets shown as "[redacted]".
+  public static func configDump(yaml: String) -> String {
+    func convert(_ node: Node, redact: Bool) -> Any {
+      if redact { return "[redacted]" }
+      switch node {
+      case .mapping(let m):
+        var out: [String: Any] = [:]
+        for (k, v) in m {
+          let key = k.string ?? ""
+          let sensitive = ["private_key", "password", "secret", "pkcs12", "session_ticket_keys", "api_key", "token"]
+            .contains { key.lowercased().contains($0) } && key != "secret_name"
+          out[key] = convert(v, redact: sensitive)
+        }
+        return out
+      case .sequence(let s):
+        return s.map { convert($0, redact: false) }
+      case .scalar(let scalar):
+        if scalar.style == .plain {
+          if let i = Int(scalar.string) { return i }
+          if let d = Double(scalar.string) { return d }
+          if scalar.string == "true" || scalar.string == "false" { return scalar.string == "true" }
+          if ["", "~", "null"].contains(scalar.string) { return NSNull() }
+        }
+        return scalar.string
+      default:
+        return NSNull()
+      }
+    }
+    let bootstrap = (try? Yams.compose(yaml: yaml)).flatMap { $0 }.map { convert($0, redact: false) } ?? [:] as [String: Any]
+    let dump: [String: Any] = ["configs": [["@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump", "bootstrap": bootstrap]]]
+    let data = (try? JSONSerialization.data(withJSONObject: dump, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes])) ?? Data("{}".utf8)
+    return String(decoding: data, as: UTF8.self) + "\n"
   }
 
   /// The text with the block of `key` that starts on `line` (1-based) blanked out, keeping the

@@ -31,6 +31,8 @@ public struct ProxyConfiguration: Sendable, Hashable {
   /// (`max_active_downstream_connections`): client connections beyond it, over all listeners,
   /// are closed as they arrive.
   public var maxDownstreamConnections: Int?
+  /// The configuration as read (the YAML), for the admin port's /config_dump.
+  public var source: String?
 
   public init(listeners: [Listener], clusters: [Cluster], admin: Admin? = nil) {
     self.listeners = listeners

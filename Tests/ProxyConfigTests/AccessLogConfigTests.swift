@@ -68,3 +68,19 @@ import Testing
     ])
   }
 }
+
+@Suite struct ConfigDumpTests {
+  @Test func secretsAreRedactedAndTypesKept() throws {
+    let dump = ConfigLoader.configDump(yaml: """
+      admin: { address: { socket_address: { address: 127.0.0.1, port_value: 9901 } } }
+      tls:
+        private_key: { inline_string: "-----BEGIN PRIVATE KEY-----" }
+        password: hunter2
+        certificate_chain: { filename: /etc/cert.pem }
+      """)
+    #expect(!dump.contains("BEGIN PRIVATE KEY") && !dump.contains("hunter2"))
+    #expect(dump.contains("\"private_key\" : \"[redacted]\""))
+    #expect(dump.contains("\"port_value\" : 9901"))
+    #expect(dump.contains("/etc/cert.pem"))
+  }
+}

@@ -202,3 +202,14 @@ def test_drain_listeners_stops_accepting_and_the_admin_port_stays(proxied):
         admin_get(admin, "/ready")
     assert e.value.code == 503
     assert text_stats(admin)["server.live"] == "0"
+
+
+def test_config_dump_is_the_running_configuration(proxied):
+    _, admin = proxied
+    status, ctype, body = admin_get(admin, "/config_dump")
+    assert status == 200 and ctype.startswith("application/json")
+    (config,) = json.loads(body)["configs"]
+    assert config["@type"] == "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump"
+    resources = config["bootstrap"]["static_resources"]
+    assert [c["name"] for c in resources["clusters"]] == ["users"]
+    assert resources["listeners"][0]["name"] == "web"

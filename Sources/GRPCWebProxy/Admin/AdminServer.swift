@@ -15,6 +15,7 @@ final class AdminHandler: ChannelInboundHandler {
       GET  /stats              Envoy's stats by Envoy's names (?format=json, ?filter=REGEX)
       GET  /stats/prometheus   the same in Prometheus' text format, with Envoy's metric names and tags
       GET  /server_info        state, uptime and concurrency, as JSON
+      GET  /config_dump        the configuration the proxy runs, as JSON, secrets redacted
       GET  /logging            the log level; POST /logging?level=LEVEL changes it (trace … critical, off)
       POST /drain_listeners    stop accepting connections (?graceful: and drain those open)
       POST /healthcheck/fail   make /ready answer 503 (take the proxy out of rotation)
@@ -146,6 +147,9 @@ final class AdminHandler: ChannelInboundHandler {
         return (.serviceUnavailable, "no listeners yet\n")
       }
       return (.ok, "OK\n")
+    case "/config_dump":
+      guard isRead else { return (.methodNotAllowed, "use GET\n") }
+      return (.ok, self.status.configDump())
     case "/server_info":
       guard isRead else { return (.methodNotAllowed, "use GET\n") }
       return (.ok, self.status.serverInfo())

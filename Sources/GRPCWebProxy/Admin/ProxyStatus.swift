@@ -28,6 +28,16 @@ public final class ProxyStatus: Sendable {
 
   public init() {}
 
+  private let configSource = Mutex<String?>(nil)
+
+  func setConfigSource(_ yaml: String) { self.configSource.withLock { $0 = yaml } }
+
+  /// `/config_dump`: the configuration as JSON, secrets redacted.
+  func configDump() -> String {
+    guard let yaml = self.configSource.withLock({ $0 }) else { return "{\"configs\": []}\n" }
+    return ConfigLoader.configDump(yaml: yaml)
+  }
+
   private let drainListeners = Mutex<(@Sendable (Bool) -> Void)?>(nil)
 
   func setDrainListeners(_ action: @escaping @Sendable (Bool) -> Void) {
@@ -82,7 +92,7 @@ public final class ProxyStatus: Sendable {
       "hot_restart_version": "disabled", "command_line_options": ["concurrency": self.loopStats.withLock { $0.count }],
       "node": [:] as [String: Any], "started": formatter.string(from: self.startedAt),
     ]
-    let data = (try? JSONSerialization.data(withJSONObject: info, options: [.sortedKeys, .prettyPrinted])) ?? Data()
+    let data = (try? JSONSerialization.data(withJSONObject: info, options: [.sortedKeys, .prettyPrinted, .withoutEscapingSlashes])) ?? Data()
     return String(decoding: data, as: UTF8.self) + "\n"
   }
 
@@ -147,7 +157,7 @@ public final class ProxyStatus: Sendable {
         return ["name": name, "host_statuses": hosts]
       }
     }
-    let data = (try? JSONSerialization.data(withJSONObject: ["cluster_statuses": statuses], options: [.sortedKeys])) ?? Data()
+    let data = (try? JSONSerialization.data(withJSONObject: ["cluster_statuses": statuses], options: [.sortedKeys, .withoutEscapingSlashes])) ?? Data()
     return String(decoding: data, as: UTF8.self) + "\n"
   }
 

@@ -183,7 +183,7 @@ struct StatsSnapshot: Sendable {
       }]
     }
     stats.append(["histograms": ["supported_quantiles": Self.quantiles.map { $0 * 100 }, "computed_quantiles": computed]])
-    let data = (try? JSONSerialization.data(withJSONObject: ["stats": stats], options: [.sortedKeys])) ?? Data("{}".utf8)
+    let data = (try? JSONSerialization.data(withJSONObject: ["stats": stats], options: [.sortedKeys, .withoutEscapingSlashes])) ?? Data("{}".utf8)
     return String(decoding: data, as: UTF8.self) + "\n"
   }
 
