@@ -81,7 +81,8 @@ public final class ProxyServer: Service {
     let counters = directory.counters
     // Access log files are opened before anything listens: one that cannot be written stops
     // the start with its path and the reason.
-    let logSinks = Set(config.listeners.flatMap { ([$0] + $0.otherChains).flatMap { $0.accessLogs.map(\.sink) } })
+    let logSinks = Set(config.listeners.flatMap { ([$0] + $0.otherChains).flatMap { $0.accessLogs.map(\.sink) } }
+      + (config.admin?.accessLogs.map(\.sink) ?? []))
     let logFiles = logSinks.isEmpty ? nil : try AccessLogFiles(sinks: logSinks)
     defer { logFiles?.shutdown() }
     for loop in self.group.makeIterator() {
@@ -133,7 +134,7 @@ public final class ProxyServer: Service {
         logger.info("listener '\(listener.name)' on \(listener.address.host):\(port) (\(listener.codec.rawValue.lowercased())\(listener.tls == nil ? "" : ", TLS"))")
       }
       if let address = config.admin?.address {
-        let channel = try await self.bindAdmin(address)
+        let channel = try await self.bindAdmin(address, accessLogs: config.admin?.accessLogs ?? [], files: logFiles)
         channels.append(channel)
         let port = channel.localAddress?.port ?? address.port
         bound.append(BoundListener(name: "admin", host: address.host, port: port))
@@ -361,14 +362,15 @@ public final class ProxyServer: Service {
     }
   }
 
-  private func bindAdmin(_ address: HostAndPort) async throws -> any Channel {
+  private func bindAdmin(_ address: HostAndPort, accessLogs: [AccessLogConfig], files: AccessLogFiles?) async throws -> any Channel {
     let status = self.status
+    let log = files.map { AdminAccessLog(formatters: accessLogs.map(AccessLogFormatter.init), files: $0) }
     let bootstrap = ServerBootstrap(group: self.group)
       .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
       .childChannelInitializer { channel in
         channel.eventLoop.makeCompletedFuture {
           try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
-          try channel.pipeline.syncOperations.addHandler(AdminHandler(status: status))
+          try channel.pipeline.syncOperations.addHandler(AdminHandler(status: status, accessLog: log))
         }
       }
     do {

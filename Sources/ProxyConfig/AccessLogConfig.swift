@@ -67,7 +67,10 @@ extension Reader {
   /// The `access_log` list of a connection manager, or of the admin block.
   func accessLogs(_ node: YAMLValue) throws(ConfigError) -> [AccessLogConfig] {
     var logs: [AccessLogConfig] = []
-    for entry in try node.sequence() {
+    // One entry given as a mapping rather than a list of one: Envoy takes it too.
+    let entries: [YAMLValue]
+    if case .mapping = node.node { entries = [node] } else { entries = try node.sequence() }
+    for entry in entries {
       let m = try entry.mapping()
       let name = try m.optional("name")?.string() ?? ""
       let filter = try m.optional("filter").map { v throws(ConfigError) in try self.accessLogFilter(v) }

@@ -204,9 +204,15 @@ struct Reader {
   func admin(_ node: YAMLValue) throws(ConfigError) -> Admin {
     let m = try node.mapping()
     let address = try m.optional("address").map { v throws(ConfigError) in try self.address(v) }
-    m.accept("access_log_path", "access_log", "profile_path")
+    m.accept("profile_path")
+    var admin = Admin(address: address)
+    if let path = try m.optional("access_log_path")?.string() {
+      let sink: AccessLogConfig.Sink = path == "/dev/stdout" ? .stdout : path == "/dev/stderr" ? .stderr : .file(path: path)
+      admin.accessLogs.append(AccessLogConfig(sink: sink))
+    }
+    if let logs = m.optional("access_log") { admin.accessLogs += try self.accessLogs(logs) }
     try m.finish(known: [], warnings: self.sink)
-    return Admin(address: address)
+    return admin
   }
 
   /// - Parameter allowPipe: an upstream endpoint may be a unix socket (`pipe: {path}`).

@@ -75,6 +75,8 @@ public struct HostAndPort: Sendable, Hashable, CustomStringConvertible {
 
 public struct Admin: Sendable, Hashable {
   public var address: HostAndPort?
+  /// `access_log_path` (Envoy's default line) and `access_log`: the admin port's own requests.
+  public var accessLogs: [AccessLogConfig] = []
   public init(address: HostAndPort?) { self.address = address }
 }
 

@@ -206,3 +206,26 @@ def test_an_unwritable_log_or_an_unknown_operator_stops_the_start(replicas, logd
         start_proxy(unknown, port)
     assert "unknown operator %NO_SUCH_THING%" in str(e.value)
     assert "access_log[0].typed_config.log_format.json_format.flags" in str(e.value)
+
+
+def test_the_admin_port_writes_its_own_access_log(replicas, logdir):
+    import urllib.request
+    port, admin = free_port(), free_port()
+    admin_log = logdir / "admin.log"
+    text = envoy_yaml.config([envoy_yaml.listener("web", port, ROUTES)],
+                             [envoy_yaml.cluster("users", [r.port for r in replicas]),
+                              envoy_yaml.cluster("dead", [free_port()])], admin_port=admin)
+    text = text.replace("admin:\n", f"admin:\n  access_log_path: {admin_log}\n", 1)
+    proxy = start_proxy(text, port)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=5) as r:
+            assert r.status == 200
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (admin_log.exists() and admin_log.read_text()):
+            time.sleep(0.05)
+        lines = admin_log.read_text().splitlines()
+    finally:
+        proxy.stop()
+    assert len(lines) == 1, lines
+    assert re.match(r'^\[[^]]+\] "GET /ready HTTP/1.1" 200 - 0 5 \d+ - "-" "Python-urllib/[0-9.]+" "-" '
+                    rf'"127.0.0.1:{admin}" "-"$', lines[0]), lines[0]

@@ -41,7 +41,7 @@ struct DownstreamConnectionInfo {
 }
 
 /// One access log entry compiled: its filter and its format, ready to render a record.
-struct AccessLogFormatter {
+struct AccessLogFormatter: Sendable {
   let config: AccessLogConfig
   private let tokens: [AccessLogTemplate.Token]
 
@@ -356,5 +356,18 @@ final class LoopAccessLog {
   /// Everything held now (at shutdown).
   func flushAll() {
     for sink in Array(self.buffers.keys) { self.flush(sink) }
+  }
+}
+
+/// The admin port's access log: its requests are few, so each line goes to the writer thread
+/// as it is made.
+struct AdminAccessLog: Sendable {
+  let formatters: [AccessLogFormatter]
+  let files: AccessLogFiles
+
+  func log(_ record: CallLogRecord) {
+    for formatter in self.formatters where formatter.accepts(record) {
+      self.files.write(ByteBuffer(string: formatter.render(record)), to: formatter.config.sink)
+    }
   }
 }

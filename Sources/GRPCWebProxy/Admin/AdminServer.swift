@@ -1,5 +1,6 @@
 import Foundation
 import NIOCore
+import NIOHPACK
 import NIOHTTP1
 
 /// The admin port (Envoy's `admin.address`): what orchestrators and operators ask of a running
@@ -25,15 +26,23 @@ final class AdminHandler: ChannelInboundHandler {
 
   private let status: ProxyStatus
   private var request: HTTPRequestHead?
+  private let accessLog: AdminAccessLog?
+  private var requestStart = NIODeadline.now()
+  private var requestStartWall = Date()
 
-  init(status: ProxyStatus) {
+  init(status: ProxyStatus, accessLog: AdminAccessLog? = nil) {
     self.status = status
+    self.accessLog = accessLog
   }
 
   func channelRead(context: ChannelHandlerContext, data: NIOAny) {
     switch self.unwrapInboundIn(data) {
     case .head(let head):
       self.request = head
+      if self.accessLog != nil {
+        self.requestStart = .now()
+        self.requestStartWall = Date()
+      }
     case .body:
       break
     case .end:
@@ -108,6 +117,27 @@ final class AdminHandler: ChannelInboundHandler {
     context.write(self.wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)
     if head.method != .HEAD {
       context.write(self.wrapOutboundOut(.body(.byteBuffer(allocator.buffer(string: body)))), promise: nil)
+    }
+    if let accessLog = self.accessLog {
+      let record = CallLogRecord()
+      record.start = self.requestStart
+      record.startWall = self.requestStartWall
+      var request = HPACKHeaders()
+      request.add(name: ":method", value: head.method.rawValue)
+      request.add(name: ":path", value: head.uri)
+      request.add(name: ":authority", value: head.headers.first(name: "host") ?? "")
+      for (name, value) in head.headers { request.add(name: name.lowercased(), value: value) }
+      record.requestHeaders = request
+      record.responseHeaders = HPACKHeaders(headers.map { ($0.name, $0.value) })
+      record.responseCode = Int(status.code)
+      record.bytesSent = head.method == .HEAD ? 0 : body.utf8.count
+      record.end = .now()
+      record.firstByte = record.end
+      record.requestEnd = record.end
+      record.connection = DownstreamConnectionInfo(
+        protocolName: "HTTP/\(head.version.major).\(head.version.minor)",
+        remote: context.channel.remoteAddress, local: context.channel.localAddress)
+      accessLog.log(record)
     }
     let done = context.writeAndFlush(self.wrapOutboundOut(.end(nil)))
     if !head.isKeepAlive { done.assumeIsolated().whenComplete { _ in context.close(promise: nil) } }
