@@ -191,20 +191,7 @@ public struct RouteTable: Sendable {
       guard entry.regex?.wholeMatch(path) ?? false else { return false }
     }
     for (index, matcher) in match.headers.enumerated() {
-      let values = headers[canonicalForm: matcher.name]
-      var result: Bool
-      switch matcher.kind {
-      case .present(let present):
-        result = values.isEmpty != present
-      case .string(let sm):
-        if let value = values.isEmpty ? nil : values.joined(separator: ",") {
-          result = sm.matches(value, regex: entry.headerRegexes[index])
-        } else {
-          result = false
-        }
-      }
-      if matcher.invert { result.toggle() }
-      if !result { return false }
+      if !matcher.matchesHeaders(headers, regex: entry.headerRegexes[index]) { return false }
     }
     return true
   }
@@ -263,13 +250,18 @@ extension HeaderMatcher {
   /// Whether a request's headers satisfy this matcher (a regex is compiled per use: for the
   /// access log's header_filter, not for routing).
   public func matchesHeaders(_ headers: HPACKHeaders) -> Bool {
+    self.matchesHeaders(headers, regex: nil)
+  }
+
+  /// Several values of one header are matched joined with commas, as Envoy joins them.
+  func matchesHeaders(_ headers: HPACKHeaders, regex: CompiledRegex?) -> Bool {
     let values = headers[canonicalForm: self.name]
     var result: Bool
     switch self.kind {
     case .present(let present):
       result = values.isEmpty != present
     case .string(let sm):
-      result = values.isEmpty ? false : sm.matches(values.joined(separator: ","))
+      result = values.isEmpty ? false : sm.matches(values.joined(separator: ","), regex: regex)
     }
     return self.invert ? !result : result
   }
