@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 
 @testable import GRPCWebProxy
@@ -42,5 +43,13 @@ import Testing
     let p50 = h.quantile(0.5)!
     #expect(p50 > 1 && p50 <= 5)
     #expect(h.quantile(1)! <= 50 && h.quantile(1)! > 25)
+  }
+}
+
+@Suite struct AccessLogFormatTests {
+  @Test func startTimeIsEnvoysISO8601InUTC() {
+    let date = Date(timeIntervalSince1970: 1_796_590_688.36)  // 2026-12-06T20:58:08.360Z
+    #expect(AccessLogFormatter.iso8601(date) == "2026-12-06T20:58:08.360Z")
+    #expect(AccessLogFormatter.iso8601(Date(timeIntervalSince1970: 0)) == "1970-01-01T00:00:00.000Z")
   }
 }

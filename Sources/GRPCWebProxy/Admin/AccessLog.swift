@@ -170,13 +170,19 @@ struct AccessLogFormatter: Sendable {
     return out + "\""
   }
 
-  private static let iso: DateFormatter = {
-    let f = DateFormatter()
-    f.locale = Locale(identifier: "en_US_POSIX")
-    f.timeZone = TimeZone(identifier: "UTC")
-    f.dateFormat = "yyyy-MM-dd'T'HH:mm:ss.SSS'Z'"
-    return f
-  }()
+  /// Envoy's default START_TIME, `2026-12-06T20:58:08.360Z`, made with no shared formatter:
+  /// every event loop writes lines at once.
+  static func iso8601(_ date: Date) -> String {
+    let seconds = date.timeIntervalSince1970
+    let whole = seconds.rounded(.down)
+    var t = time_t(whole)
+    var parts = tm()
+    gmtime_r(&t, &parts)
+    return String(
+      format: "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", Int(parts.tm_year) + 1900, Int(parts.tm_mon) + 1, Int(parts.tm_mday),
+      // The thousandth of a millisecond keeps .360 from printing as .359 (binary fractions).
+      Int(parts.tm_hour), Int(parts.tm_min), Int(parts.tm_sec), min(999, Int((seconds - whole) * 1000 + 1e-3)))
+  }
 
   /// One operator's value, or nil for Envoy's "-".
   static func value(_ name: String, _ argument: String?, _ r: CallLogRecord) -> String? {
@@ -194,7 +200,7 @@ struct AccessLogFormatter: Sendable {
     switch name {
     case "START_TIME":
       if let argument, !argument.isEmpty { return Self.strftime(argument, r.startWall) }
-      return Self.iso.string(from: r.startWall)
+      return Self.iso8601(r.startWall)
     case "REQ": return header(r.requestHeaders)
     case "RESP": return header(r.responseHeaders)
     case "TRAILER": return header(r.trailers)
