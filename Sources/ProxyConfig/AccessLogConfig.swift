@@ -19,6 +19,11 @@ public struct AccessLogConfig: Sendable, Hashable {
     public struct Field: Sendable, Hashable {
       public var key: String
       public var value: JSONTemplate
+
+      public init(key: String, value: JSONTemplate) {
+        self.key = key
+        self.value = value
+      }
     }
   }
 

@@ -2,6 +2,8 @@ import Foundation
 import Testing
 
 @testable import GRPCWebProxy
+import ProxyConfig
+import NIOHPACK
 
 @Suite struct StatsTests {
   @Test func prometheusNamesAndTagsAreEnvoys() {
@@ -51,5 +53,33 @@ import Testing
     let date = Date(timeIntervalSince1970: 1_796_590_688.36)  // 2026-12-06T20:58:08.360Z
     #expect(AccessLogFormatter.iso8601(date) == "2026-12-06T20:58:08.360Z")
     #expect(AccessLogFormatter.iso8601(Date(timeIntervalSince1970: 0)) == "1970-01-01T00:00:00.000Z")
+  }
+
+  func record() -> CallLogRecord {
+    let r = CallLogRecord()
+    r.requestHeaders = [":method": "POST", "user-agent": "abcdefgh"]
+    r.responseCode = 200
+    r.bytesSent = 12
+    return r
+  }
+
+  @Test func jsonKeepsNumbersTypedAndOmitsEmptyValuesWhenAsked() {
+    let template = AccessLogConfig.JSONTemplate.object([
+      .init(key: "code", value: .format("%RESPONSE_CODE%")),
+      .init(key: "ua", value: .format("%REQ(USER-AGENT):3%")),
+      .init(key: "host", value: .format("%UPSTREAM_HOST%")),
+      .init(key: "mixed", value: .format("sent %BYTES_SENT% to %UPSTREAM_HOST%")),
+      .init(key: "fixed", value: .list([.number(1), .bool(true), .null])),
+    ])
+    let full = AccessLogFormatter(AccessLogConfig(sink: .stdout, format: .json(template)))
+    #expect(full.render(record()) == #"{"code":200,"ua":"abc","host":null,"mixed":"sent 12 to -","fixed":[1,true,null]}"# + "\n")
+    let omitting = AccessLogFormatter(AccessLogConfig(sink: .stdout, format: .json(template), omitEmptyValues: true))
+    #expect(omitting.render(record()) == #"{"code":200,"ua":"abc","mixed":"sent 12 to -","fixed":[1,true,null]}"# + "\n")
+  }
+
+  @Test func textWritesADashOrNothingForAMissingValue() {
+    let format = AccessLogConfig.Format.text("%RESPONSE_CODE% [%UPSTREAM_HOST%] %REQ(:METHOD)%\n")
+    #expect(AccessLogFormatter(AccessLogConfig(sink: .stdout, format: format)).render(record()) == "200 [-] POST\n")
+    #expect(AccessLogFormatter(AccessLogConfig(sink: .stdout, format: format, omitEmptyValues: true)).render(record()) == "200 [] POST\n")
   }
 }

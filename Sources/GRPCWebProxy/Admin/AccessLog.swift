@@ -40,14 +40,43 @@ struct DownstreamConnectionInfo {
   var peerSubject: String?
 }
 
-/// One access log entry compiled: its filter and its format, ready to render a record.
+/// One access log entry compiled: its filter and its format, ready to render a record. Format
+/// strings are cut into operators once, here, not per line.
 struct AccessLogFormatter: Sendable {
+  /// A `json_format` template with its format strings already cut.
+  private indirect enum CompiledJSON: Sendable {
+    /// A constant (null, a boolean, a number), as JSON text.
+    case constant(String)
+    case format([AccessLogTemplate.Token])
+    case object([(key: String, value: CompiledJSON)])
+    case list([CompiledJSON])
+  }
+
   let config: AccessLogConfig
   private let tokens: [AccessLogTemplate.Token]
+  private let json: CompiledJSON?
 
   init(_ config: AccessLogConfig) {
     self.config = config
-    if case .text(let text) = config.format { self.tokens = AccessLogTemplate.parse(text) } else { self.tokens = [] }
+    switch config.format {
+    case .text(let text):
+      self.tokens = AccessLogTemplate.parse(text)
+      self.json = nil
+    case .json(let template):
+      self.tokens = []
+      self.json = Self.compile(template)
+    }
+  }
+
+  private static func compile(_ t: AccessLogConfig.JSONTemplate) -> CompiledJSON {
+    switch t {
+    case .null: return .constant("null")
+    case .bool(let b): return .constant(b ? "true" : "false")
+    case .number(let n): return .constant(n == n.rounded() && abs(n) < 1e15 ? String(Int(n)) : String(n))
+    case .format(let format): return .format(AccessLogTemplate.parse(format))
+    case .list(let items): return .list(items.map(Self.compile))
+    case .object(let fields): return .object(fields.map { (Self.quote($0.key), Self.compile($0.value)) })
+    }
   }
 
   func accepts(_ r: CallLogRecord) -> Bool {
@@ -84,74 +113,68 @@ struct AccessLogFormatter: Sendable {
 
   /// The line, with its newline for JSON (a text format says where its lines end).
   func render(_ r: CallLogRecord) -> String {
-    switch self.config.format {
-    case .text:
-      var out = ""
-      for token in self.tokens {
-        switch token {
-        case .literal(let text): out += text
-        case .op(let name, let argument, let max):
-          var value = Self.value(name, argument, r) ?? (self.config.omitEmptyValues ? "" : "-")
-          if let max, value.count > max { value = String(value.prefix(max)) }
-          out += value
-        }
-      }
-      return out
-    case .json(let template):
-      return Self.json(template, r, omitEmpty: self.config.omitEmptyValues) + "\n"
+    guard let json = self.json else {
+      return Self.text(self.tokens, r, empty: self.config.omitEmptyValues ? "" : "-")
     }
+    return Self.render(json, r, omitEmpty: self.config.omitEmptyValues) + "\n"
   }
 
-  private static func json(_ t: AccessLogConfig.JSONTemplate, _ r: CallLogRecord, omitEmpty: Bool) -> String {
-    switch t {
-    case .null: return "null"
-    case .bool(let b): return b ? "true" : "false"
-    case .number(let n): return n == n.rounded() && abs(n) < 1e15 ? String(Int(n)) : String(n)
-    case .list(let items): return "[" + items.map { Self.json($0, r, omitEmpty: omitEmpty) }.joined(separator: ",") + "]"
-    case .object(let fields):
-      var parts: [String] = []
-      for field in fields {
-        if case .format(let format) = field.value {
-          let (text, typed) = Self.formatValue(format, r)
-          guard let text else {
-            if !omitEmpty { parts.append(Self.quote(field.key) + ":null") }
-            continue
-          }
-          parts.append(Self.quote(field.key) + ":" + (typed ? text : Self.quote(text)))
-        } else {
-          parts.append(Self.quote(field.key) + ":" + Self.json(field.value, r, omitEmpty: omitEmpty))
-        }
-      }
-      return "{" + parts.joined(separator: ",") + "}"
-    case .format(let format):
-      let (text, typed) = Self.formatValue(format, r)
-      guard let text else { return "null" }
-      return typed ? text : Self.quote(text)
-    }
-  }
-
-  /// A JSON field's value: a lone numeric operator keeps its type, as in Envoy.
-  private static func formatValue(_ format: String, _ r: CallLogRecord) -> (String?, Bool) {
-    let tokens = AccessLogTemplate.parse(format)
-    if tokens.count == 1, case .op(let name, let argument, let max) = tokens[0] {
-      guard var value = Self.value(name, argument, r) else { return (nil, false) }
-      if let max, value.count > max { value = String(value.prefix(max)) }
-      let numeric: Set<String> = ["RESPONSE_CODE", "BYTES_RECEIVED", "BYTES_SENT", "DURATION", "REQUEST_DURATION",
-        "RESPONSE_DURATION", "RESPONSE_TX_DURATION", "GRPC_STATUS_NUMBER"]
-      let isNumber = numeric.contains(name) || (name == "GRPC_STATUS" && argument == "NUMBER")
-      return (value, isNumber && Int(value) != nil)
-    }
+  /// Literal text and operators' values; a missing value is `empty`.
+  private static func text(_ tokens: [AccessLogTemplate.Token], _ r: CallLogRecord, empty: String) -> String {
     var out = ""
     for token in tokens {
       switch token {
       case .literal(let text): out += text
-      case .op(let name, let argument, let max):
-        var value = Self.value(name, argument, r) ?? "-"
-        if let max, value.count > max { value = String(value.prefix(max)) }
-        out += value
+      case .op(let name, let argument, let max): out += Self.truncated(Self.value(name, argument, r), max) ?? empty
       }
     }
-    return (out, false)
+    return out
+  }
+
+  private static func truncated(_ value: String?, _ max: Int?) -> String? {
+    guard let value, let max, value.count > max else { return value }
+    return String(value.prefix(max))
+  }
+
+  private static func render(_ t: CompiledJSON, _ r: CallLogRecord, omitEmpty: Bool) -> String {
+    switch t {
+    case .constant(let text): return text
+    case .list(let items): return "[" + items.map { Self.render($0, r, omitEmpty: omitEmpty) }.joined(separator: ",") + "]"
+    case .format(let tokens): return Self.formatValue(tokens, r) ?? "null"
+    case .object(let fields):
+      var parts: [String] = []
+      for field in fields {
+        let value: String
+        if case .format(let tokens) = field.value {
+          // omit_empty_values leaves a missing field out; otherwise it is null.
+          guard let present = Self.formatValue(tokens, r) else {
+            if !omitEmpty { parts.append(field.key + ":null") }
+            continue
+          }
+          value = present
+        } else {
+          value = Self.render(field.value, r, omitEmpty: omitEmpty)
+        }
+        parts.append(field.key + ":" + value)
+      }
+      return "{" + parts.joined(separator: ",") + "}"
+    }
+  }
+
+  private static let numericOperators: Set<String> = [
+    "RESPONSE_CODE", "BYTES_RECEIVED", "BYTES_SENT", "DURATION", "REQUEST_DURATION", "RESPONSE_DURATION",
+    "RESPONSE_TX_DURATION", "GRPC_STATUS_NUMBER",
+  ]
+
+  /// A JSON field's value as JSON text, nil when it is missing. A lone numeric operator keeps
+  /// its type, as in Envoy; anything else is a string.
+  private static func formatValue(_ tokens: [AccessLogTemplate.Token], _ r: CallLogRecord) -> String? {
+    if tokens.count == 1, case .op(let name, let argument, let max) = tokens[0] {
+      guard let value = Self.truncated(Self.value(name, argument, r), max) else { return nil }
+      let isNumber = Self.numericOperators.contains(name) || (name == "GRPC_STATUS" && argument == "NUMBER")
+      return isNumber && Int(value) != nil ? value : Self.quote(value)
+    }
+    return Self.quote(Self.text(tokens, r, empty: "-"))
   }
 
   private static func quote(_ s: String) -> String {
