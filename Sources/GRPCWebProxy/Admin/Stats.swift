@@ -103,6 +103,11 @@ final class LoopStats {
     self.gauge(name).value += delta
   }
 
+  /// `cluster.<cluster>.<stat>`, for the rarer events.
+  func count(_ stat: String, cluster: String) {
+    self.count(self.names.cluster(cluster).prefix + stat)
+  }
+
   var snapshot: StatsSnapshot {
     StatsSnapshot(
       counters: self.counters.mapValues(\.value), gauges: self.gauges.mapValues(\.value),

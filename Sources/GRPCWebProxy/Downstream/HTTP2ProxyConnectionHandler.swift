@@ -322,7 +322,11 @@ final class HTTP2DownstreamStream: DownstreamStream {
       return
     }
     self.unsent += body.readableBytes
-    if var held = self.held {
+    if body.readableBytes >= Self.coalesceBelow {
+      // A large piece is never copied: what is held goes first, then the piece as it came.
+      self.writeCoalesced()
+      self.writeData(body)
+    } else if var held = self.held {
       self.held = nil
       if !self.heldIsOwn {
         // The first piece is a slice of the backend connection's read buffer; the rest go into
@@ -335,11 +339,9 @@ final class HTTP2DownstreamStream: DownstreamStream {
       held.writeImmutableBuffer(body)
       self.held = held
       if held.readableBytes >= Self.coalesceBelow { self.writeCoalesced() }
-    } else if body.readableBytes < Self.coalesceBelow {
+    } else {
       self.held = body
       self.connection.coalesce(self)
-    } else {
-      self.writeData(body)
     }
   }
 

@@ -127,8 +127,8 @@ final class ProxyCall: UpstreamStreamDelegate {
   private var upstreamHTTPStatus: Int?
   private var responseStatus: Int?
   private var clientGRPCStatus: Int?
-  private var methodPath: String?
-  private var grpcBridge: String?
+  /// gRPC and gRPC-Web calls: the stats' bridge name ("grpc", "grpc-web") and the path.
+  private var grpcMethod: (bridge: String, path: String)?
   private var recorded = false
   /// The access log's record, kept only when the connection manager has an access log.
   private var log: CallLogRecord?
@@ -174,11 +174,10 @@ final class ProxyCall: UpstreamStreamDelegate {
     )
     self.translator = ResponseTranslator(kind: kind, maxTextFrameSize: self.runtime.maxTextFrameSize, allocator: self.allocator)
     switch kind {
-    case .grpcWeb: self.grpcBridge = "grpc-web"
-    case .grpc: self.grpcBridge = "grpc"
+    case .grpcWeb: self.grpcMethod = ("grpc-web", path)
+    case .grpc: self.grpcMethod = ("grpc", path)
     case .other: break
     }
-    if self.grpcBridge != nil { self.methodPath = path }
 
     // HTTP/1.1 requests over the limits never get here (NIO's decoder stops them); HTTP/2 ones
     // are decoded up to twice the limit and answered here, on their own stream.
@@ -645,7 +644,7 @@ final class ProxyCall: UpstreamStreamDelegate {
     self.perTryTask = self.eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(timeout.nanoseconds)) {
       self.perTryTask = nil
       guard !self.translator.isFinished, self.sentFrames != nil else { return }
-      self.runtime.stats.count(self.runtime.stats.names.cluster(self.clusterName).prefix + "upstream_rq_per_try_timeout")
+      self.runtime.stats.count("upstream_rq_per_try_timeout", cluster: self.clusterName)
       if self.retry(outcome: 504) { return }
       self.runtime.logger.debug("per-try timeout", metadata: ["ms": "\(timeout.milliseconds)"])
       self.log?.flag("UT")
@@ -685,7 +684,7 @@ final class ProxyCall: UpstreamStreamDelegate {
     self.deadlineTask = nil
     guard let plan = self.deadline, !self.translator.isFinished else { return }
     self.runtime.logger.debug("call deadline exceeded", metadata: ["ms": "\(plan.milliseconds ?? 0)"])
-    if !self.clusterName.isEmpty { self.runtime.stats.count(self.runtime.stats.names.cluster(self.clusterName).prefix + "upstream_rq_timeout") }
+    if !self.clusterName.isEmpty { self.runtime.stats.count("upstream_rq_timeout", cluster: self.clusterName) }
     self.log?.flag("UT")
     self.apply(self.translator.fail(.timeout(message: plan.timeoutMessage, httpStatus: plan.timeoutHTTPStatus)))
   }
@@ -769,8 +768,6 @@ final class ProxyCall: UpstreamStreamDelegate {
     return headers.first(name: ":status").flatMap { Int($0) }
   }
 
-  /// The response has ended: stop the timer, cancel the upstream stream if it is still open, and
-  /// give back the call's slot on its cluster.
   /// The call's stats, by Envoy's names, once: the connection manager's, the cluster's, and the
   /// gRPC method's with the status the client actually read (Envoy's grpc_web filter counts
   /// the upstream's trailers, which it has already moved into the body: a gRPC-Web call that
@@ -802,9 +799,7 @@ final class ProxyCall: UpstreamStreamDelegate {
       }
       cluster.requestTime.record(since: start)
     }
-    if let bridge = self.grpcBridge, let path = self.methodPath {
-      let status = self.clientGRPCStatus ?? self.translator.bodyTrailerStatus
-      guard let status else { return }
+    if let (bridge, path) = self.grpcMethod, let status = self.clientGRPCStatus ?? self.translator.bodyTrailerStatus {
       let method = stats.names.method(cluster: self.clusterName, path: path, bridge: bridge)
       method.total.add()
       (status == 0 ? method.success : method.failure).add()
@@ -812,6 +807,8 @@ final class ProxyCall: UpstreamStreamDelegate {
     }
   }
 
+  /// The response has ended: record it, stop the timer, cancel the upstream stream if it is
+  /// still open, and give back the call's slot on its cluster.
   private func cleanUp() {
     self.recordStats()
     if self.readingPaused {

@@ -121,7 +121,7 @@ final class LoopUpstreams {
   ) {
     self.eventLoop.preconditionInEventLoop()
     guard let state = self.clusters[name], !state.endpoints.isEmpty else {
-      if self.clusters[name] != nil { self.stats.count(self.stats.names.cluster(name).prefix + "upstream_cx_none_healthy") }
+      if self.clusters[name] != nil { self.stats.count("upstream_cx_none_healthy", cluster: name) }
       completion(.failure(UpstreamUnavailable(reason: "no healthy upstream", noHealthyUpstream: true)))
       return
     }
@@ -130,7 +130,7 @@ final class LoopUpstreams {
     let active = state.counters.activeRequests.add(1, ordering: .relaxed).newValue
     if active > limits.maxRequests {
       state.counters.activeRequests.subtract(1, ordering: .relaxed)
-      self.stats.count(self.stats.names.cluster(name).prefix + "upstream_rq_pending_overflow")
+      self.stats.count("upstream_rq_pending_overflow", cluster: name)
       completion(.failure(UpstreamUnavailable(
         reason: "overflow: cluster '\(name)' already has \(limits.maxRequests) calls in flight (circuit_breakers max_requests)")))
       return
@@ -167,10 +167,10 @@ final class LoopUpstreams {
     guard let state = self.clusters[name] else { return false }
     if state.counters.activeRetries.add(1, ordering: .relaxed).newValue > state.config.circuitBreakers.maxRetries {
       state.counters.activeRetries.subtract(1, ordering: .relaxed)
-      self.stats.count(self.stats.names.cluster(name).prefix + "upstream_rq_retry_overflow")
+      self.stats.count("upstream_rq_retry_overflow", cluster: name)
       return false
     }
-    self.stats.count(self.stats.names.cluster(name).prefix + "upstream_rq_retry")
+    self.stats.count("upstream_rq_retry", cluster: name)
     return true
   }
 
@@ -235,7 +235,7 @@ final class LoopUpstreams {
         return
       }
       if error.connectFailure {
-        self.stats.count(self.stats.names.cluster(state.config.name).prefix + "upstream_cx_connect_fail")
+        self.stats.count("upstream_cx_connect_fail", cluster: state.config.name)
         self.events.connectFailed(state.config.name, endpoint)
       }
       let tried = tried + [endpoint]
