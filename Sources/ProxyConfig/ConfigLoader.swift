@@ -63,6 +63,10 @@ public enum ConfigLoader {
     return LoadedConfiguration(configuration: configuration, warnings: sink.warnings)
   }
 
+  static let sensitiveFields: Set<String> = [
+    "private_key", "password", "pkcs12", "session_ticket_keys", "api_key", "secret", "hmac_secret",
+  ]
+
   /// The admin port's `/config_dump`: the configuration as JSON in Envoy's envelope
   /// (`configs[].bootstrap`), with private keys, passwords and secrets shown as "[redacted]".
   public static func configDump(yaml: String) -> String {
@@ -73,8 +77,9 @@ public enum ConfigLoader {
         var out: [String: Any] = [:]
         for (k, v) in m {
           let key = k.string ?? ""
-          let sensitive = ["private_key", "password", "secret", "pkcs12", "session_ticket_keys", "api_key", "token"]
-            .contains { key.lowercased().contains($0) } && key != "secret_name"
+          // The fields Envoy's config_dump marks sensitive, by name (a substring test would hide
+          // `token_bucket` and its like).
+          let sensitive = Self.sensitiveFields.contains(key) || key.hasSuffix("_secret")
           out[key] = convert(v, redact: sensitive)
         }
         return out

@@ -77,8 +77,11 @@ import Testing
         private_key: { inline_string: "-----BEGIN PRIVATE KEY-----" }
         password: hunter2
         certificate_chain: { filename: /etc/cert.pem }
+        oauth: { client_secret: s3cr3t }
+      limits: { token_bucket: { max_tokens: 10 } }
       """)
-    #expect(!dump.contains("BEGIN PRIVATE KEY") && !dump.contains("hunter2"))
+    #expect(!dump.contains("BEGIN PRIVATE KEY") && !dump.contains("hunter2") && !dump.contains("s3cr3t"))
+    #expect(dump.contains("\"max_tokens\" : 10"))
     #expect(dump.contains("\"private_key\" : \"[redacted]\""))
     #expect(dump.contains("\"port_value\" : 9901"))
     #expect(dump.contains("/etc/cert.pem"))

@@ -36,8 +36,6 @@ struct DownstreamConnectionInfo {
   var protocolName: String
   var remote: SocketAddress?
   var local: SocketAddress?
-  var serverName: String?
-  var peerSubject: String?
 }
 
 /// One access log entry compiled: its filter and its format, ready to render a record. Format
@@ -250,17 +248,20 @@ struct AccessLogFormatter: Sendable {
     case "UPSTREAM_HOST": return r.upstreamHost
     case "UPSTREAM_CLUSTER": return r.cluster
     case "ROUTE_NAME": return r.routeName
-    case "REQUESTED_SERVER_NAME": return r.connection?.serverName
-    case "DOWNSTREAM_PEER_SUBJECT": return r.connection?.peerSubject
+    // Not known to the call yet: "-", as Envoy writes for a connection without them.
+    case "REQUESTED_SERVER_NAME", "DOWNSTREAM_PEER_SUBJECT": return nil
     case "DOWNSTREAM_REMOTE_ADDRESS", "DOWNSTREAM_DIRECT_REMOTE_ADDRESS":
       return r.connection?.remote.map(Self.address)
     case "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": return r.connection?.remote?.ipAddress
     case "DOWNSTREAM_LOCAL_ADDRESS": return r.connection?.local.map(Self.address)
     case "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT": return r.connection?.local?.ipAddress
-    case "HOSTNAME": return ProcessInfo.processInfo.hostName
+    case "HOSTNAME": return Self.hostName
     default: return nil
     }
   }
+
+  /// Asked once: the host's name does not change under a running proxy.
+  private static let hostName = ProcessInfo.processInfo.hostName
 
   private static func address(_ a: SocketAddress) -> String {
     guard let ip = a.ipAddress, let port = a.port else { return a.pathname ?? "\(a)" }

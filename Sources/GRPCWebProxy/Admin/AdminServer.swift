@@ -48,61 +48,67 @@ final class AdminHandler: ChannelInboundHandler {
     case .end:
       guard let head = self.request else { return }
       self.request = nil
-      if let stats = self.statsRequest(head) {
+      let target = Target(head.uri)
+      if let stats = self.statsRequest(head, target, on: context.eventLoop) {
         // Every event loop's stats are read on that loop, then answered from this one.
         let allocator = context.channel.allocator
         stats.assumeIsolated().whenComplete { result in
           switch result {
-          case .success(let (type, body)): self.send(context: context, head: head, status: .ok, type: type, body: body, allocator: allocator)
-          case .failure(let error): self.send(context: context, head: head, status: .internalServerError, type: "text/plain; charset=utf-8", body: "\(error)\n", allocator: allocator)
+          case .success(let (status, type, body)):
+            self.send(context: context, head: head, status: status, type: type, body: body, allocator: allocator)
+          case .failure(let error):
+            self.send(context: context, head: head, status: .internalServerError, type: "text/plain; charset=utf-8", body: "\(error)\n", allocator: allocator)
           }
         }
         return
       }
-      let (status, body) = self.respond(to: head)
+      let (status, body) = self.respond(to: head, target)
       let type = body.hasPrefix("{") ? "application/json" : "text/plain; charset=utf-8"
       self.send(context: context, head: head, status: status, type: type, body: body, allocator: context.channel.allocator)
     }
   }
 
-  /// `/stats` and `/stats/prometheus` (GET), answered once every loop has reported.
-  private func statsRequest(_ head: HTTPRequestHead) -> EventLoopFuture<(String, String)>? {
-    let parts = head.uri.split(separator: "?", maxSplits: 1)
-    let path = parts.first.map(String.init) ?? head.uri
-    guard path == "/stats" || path == "/stats/prometheus", head.method == .GET || head.method == .HEAD,
-      let loop = self.eventLoop
-    else { return nil }
+  /// A request target: its path and its query's parameters, percent-decoded.
+  private struct Target {
+    var path: String
     var query: [String: String] = [:]
-    if parts.count > 1 {
+
+    init(_ uri: String) {
+      let parts = uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
+      self.path = String(parts[0])
+      guard parts.count > 1 else { return }
       for item in parts[1].split(separator: "&") {
         let kv = item.split(separator: "=", maxSplits: 1)
         let value = kv.count > 1 ? String(kv[1]).replacingOccurrences(of: "+", with: " ") : ""
-        query[String(kv[0])] = value.removingPercentEncoding ?? value
+        self.query[String(kv[0])] = value.removingPercentEncoding ?? value
       }
-    }
-    var regex: NSRegularExpression?
-    if let filter = query["filter"], !filter.isEmpty {
-      do {
-        regex = try NSRegularExpression(pattern: filter)
-      } catch {
-        return loop.makeSucceededFuture(("text/plain; charset=utf-8", "Invalid re2 regex: \(filter)\n"))
-      }
-    }
-    let clusters = self.status.clusterNames
-    let prometheus = path == "/stats/prometheus" || query["format"] == "prometheus"
-    let json = query["format"] == "json"
-    return self.status.collectStats(on: loop).map { snapshot in
-      let stats = snapshot.filtered(regex)
-      if prometheus { return ("text/plain; version=0.0.4; charset=utf-8", stats.prometheus(clusters: clusters)) }
-      if json { return ("application/json", stats.json) }
-      return ("text/plain; charset=utf-8", stats.text)
     }
   }
 
-  private var eventLoop: (any EventLoop)?
-
-  func handlerAdded(context: ChannelHandlerContext) {
-    self.eventLoop = context.eventLoop
+  /// `/stats` and `/stats/prometheus` (GET), answered once every loop has reported.
+  private func statsRequest(
+    _ head: HTTPRequestHead, _ target: Target, on loop: any EventLoop
+  ) -> EventLoopFuture<(HTTPResponseStatus, String, String)>? {
+    guard target.path == "/stats" || target.path == "/stats/prometheus", head.method == .GET || head.method == .HEAD else {
+      return nil
+    }
+    var regex: NSRegularExpression?
+    if let filter = target.query["filter"], !filter.isEmpty {
+      do {
+        regex = try NSRegularExpression(pattern: filter)
+      } catch {
+        return loop.makeSucceededFuture((.badRequest, "text/plain; charset=utf-8", "Invalid re2 regex: \(filter)\n"))
+      }
+    }
+    let clusters = self.status.clusterNames
+    let prometheus = target.path == "/stats/prometheus" || target.query["format"] == "prometheus"
+    let json = target.query["format"] == "json"
+    return self.status.collectStats(on: loop).map { snapshot in
+      let stats = snapshot.filtered(regex)
+      if prometheus { return (.ok, "text/plain; version=0.0.4; charset=utf-8", stats.prometheus(clusters: clusters)) }
+      if json { return (.ok, "application/json", stats.json) }
+      return (.ok, "text/plain; charset=utf-8", stats.text)
+    }
   }
 
   private func send(
@@ -143,8 +149,8 @@ final class AdminHandler: ChannelInboundHandler {
     if !head.isKeepAlive { done.assumeIsolated().whenComplete { _ in context.close(promise: nil) } }
   }
 
-  private func respond(to head: HTTPRequestHead) -> (HTTPResponseStatus, String) {
-    let path = head.uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? head.uri
+  private func respond(to head: HTTPRequestHead, _ target: Target) -> (HTTPResponseStatus, String) {
+    let path = target.path
     let isRead = head.method == .GET || head.method == .HEAD
     switch path {
     case "/ready":
@@ -153,27 +159,25 @@ final class AdminHandler: ChannelInboundHandler {
       return (ready ? .ok : .serviceUnavailable, reason + "\n")
     case "/clusters":
       guard isRead else { return (.methodNotAllowed, "use GET\n") }
-      if head.uri.contains("format=json") { return (.ok, self.status.clustersJSON()) }
+      if target.query["format"] == "json" { return (.ok, self.status.clustersJSON()) }
       return (.ok, self.status.clustersText())
     case "/stats", "/stats/prometheus":
       return (.methodNotAllowed, "use GET\n")
     case "/logging":
-      let query = head.uri.split(separator: "?", maxSplits: 1).dropFirst().first.map(String.init) ?? ""
-      let level = query.split(separator: "&").first { $0.hasPrefix("level=") }.map { String($0.dropFirst("level=".count)) }
-      if let level {
+      if let level = target.query["level"] {
         // Changes state, so POST only, as in Envoy.
         guard head.method == .POST else { return (.methodNotAllowed, "use POST\n") }
         guard let parsed = RuntimeLogLevel.parse(level) else {
           return (.notFound, "unknown level \(level): trace, debug, info, warning, error, critical or off\n")
         }
         RuntimeLogLevel.current = parsed
-      } else if !query.isEmpty {
+      } else if !target.query.isEmpty {
         return (.notFound, "usage: /logging?level=LEVEL\n")
       }
       return (.ok, "active loggers:\n  grpc-web-proxy: \(RuntimeLogLevel.current)\n")
     case "/drain_listeners":
       guard head.method == .POST else { return (.methodNotAllowed, "use POST\n") }
-      guard self.status.drainListeners(graceful: head.uri.contains("graceful")) else {
+      guard self.status.drainListeners(graceful: target.query["graceful"] != nil) else {
         return (.serviceUnavailable, "no listeners yet\n")
       }
       return (.ok, "OK\n")
