@@ -113,10 +113,10 @@ public enum EmbeddedDefault {
     for file in page {
       out += """
 
-                  - match: { path: \(self.quoted(file.path)) }
-                    direct_response: { status: 200, body: { filename: \(self.quoted(file.file)) } }
+                  - match: { path: \(JSONText.quoted(file.path)) }
+                    direct_response: { status: 200, body: { filename: \(JSONText.quoted(file.file)) } }
                     response_headers_to_add:
-                    - header: { key: content-type, value: \(self.quoted(file.contentType)) }
+                    - header: { key: content-type, value: \(JSONText.quoted(file.contentType)) }
                       append_action: OVERWRITE_IF_EXISTS_OR_ADD
                     - header: { key: cache-control, value: no-cache }
                       append_action: OVERWRITE_IF_EXISTS_OR_ADD
@@ -125,17 +125,4 @@ public enum EmbeddedDefault {
     return out
   }
 
-  /// A YAML double-quoted string (JSON's escaping is valid YAML).
-  private static func quoted(_ text: String) -> String {
-    var out = "\""
-    for scalar in text.unicodeScalars {
-      switch scalar {
-      case "\"": out += "\\\""
-      case "\\": out += "\\\\"
-      case _ where scalar.value < 0x20: out += "\\u00" + String(scalar.value >> 4) + String(scalar.value & 0xF, radix: 16)
-      default: out.unicodeScalars.append(scalar)
-      }
-    }
-    return out + "\""
-  }
 }

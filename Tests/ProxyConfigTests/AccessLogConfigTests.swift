@@ -87,3 +87,9 @@ import Testing
     #expect(dump.contains("/etc/cert.pem"))
   }
 }
+
+@Suite struct JSONTextTests {
+  @Test func escapesAsJSONDoes() {
+    #expect(JSONText.quoted("a\"b\\c\nd\u{1}é") == #""a\"b\\c\nd\u0001é""#)
+  }
+}

@@ -73,7 +73,7 @@ struct AccessLogFormatter: Sendable {
     case .number(let n): return .constant(n == n.rounded() && abs(n) < 1e15 ? String(Int(n)) : String(n))
     case .format(let format): return .format(AccessLogTemplate.parse(format))
     case .list(let items): return .list(items.map(Self.compile))
-    case .object(let fields): return .object(fields.map { (Self.quote($0.key), Self.compile($0.value)) })
+    case .object(let fields): return .object(fields.map { (JSONText.quoted($0.key), Self.compile($0.value)) })
     }
   }
 
@@ -170,26 +170,11 @@ struct AccessLogFormatter: Sendable {
     if tokens.count == 1, case .op(let name, let argument, let max) = tokens[0] {
       guard let value = Self.truncated(Self.value(name, argument, r), max) else { return nil }
       let isNumber = Self.numericOperators.contains(name) || (name == "GRPC_STATUS" && argument == "NUMBER")
-      return isNumber && Int(value) != nil ? value : Self.quote(value)
+      return isNumber && Int(value) != nil ? value : JSONText.quoted(value)
     }
-    return Self.quote(Self.text(tokens, r, empty: "-"))
+    return JSONText.quoted(Self.text(tokens, r, empty: "-"))
   }
 
-  private static func quote(_ s: String) -> String {
-    var out = "\""
-    for scalar in s.unicodeScalars {
-      switch scalar {
-      case "\"": out += "\\\""
-      case "\\": out += "\\\\"
-      case "\n": out += "\\n"
-      case "\r": out += "\\r"
-      case "\t": out += "\\t"
-      default:
-        if scalar.value < 0x20 { out += String(format: "\\u%04x", scalar.value) } else { out.unicodeScalars.append(scalar) }
-      }
-    }
-    return out + "\""
-  }
 
   /// Envoy's default START_TIME, `2026-12-06T20:58:08.360Z`, made with no shared formatter:
   /// every event loop writes lines at once.
