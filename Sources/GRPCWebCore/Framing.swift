@@ -78,3 +78,44 @@ public enum GRPCFrame {
     buffer.writeImmutableBuffer(payload)
   }
 }
+
+/// Counts gRPC length-prefixed messages in a byte stream, whatever its chunking, without
+/// holding or copying any of it: the `grpc_stats` filter's request and response message
+/// counts. A message counts as soon as its flag byte arrives, as Envoy's frame inspector does.
+public struct GRPCMessageCounter: Sendable {
+  /// Header bytes still to come of the current frame (0: payload or next flag), and payload
+  /// bytes left to skip.
+  private var headerLeft = 0
+  private var length: UInt32 = 0
+  private var payloadLeft: UInt64 = 0
+  public private(set) var count: UInt64 = 0
+
+  public init() {}
+
+  /// Reads `data`; returns how many messages began in it.
+  public mutating func inspect(_ data: ByteBuffer) -> UInt64 {
+    let before = self.count
+    var index = data.readerIndex
+    let end = data.writerIndex
+    while index < end {
+      if self.payloadLeft > 0 {
+        let skip = Int(min(self.payloadLeft, UInt64(end - index)))
+        self.payloadLeft -= UInt64(skip)
+        index += skip
+      } else if self.headerLeft > 0 {
+        // Length bytes, big-endian.
+        self.length = self.length << 8 | UInt32(data.getInteger(at: index, as: UInt8.self)!)
+        self.headerLeft -= 1
+        index += 1
+        if self.headerLeft == 0 { self.payloadLeft = UInt64(self.length) }
+      } else {
+        // A flag byte: a new message.
+        self.count += 1
+        self.length = 0
+        self.headerLeft = 4
+        index += 1
+      }
+    }
+    return self.count - before
+  }
+}

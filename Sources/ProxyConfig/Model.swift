@@ -129,6 +129,10 @@ public struct Listener: Sendable, Hashable {
   public var statPrefix: String
   /// The connection manager's `access_log` entries.
   public var accessLogs: [AccessLogConfig] = []
+  /// The chain's `envoy.filters.http.grpc_stats` filter, if any.
+  public var grpcStats: GRPCStatsConfig?
+  /// The connection manager's `tracing`, when it has an OpenTelemetry provider.
+  public var tracing: TracingConfig?
 
   public init(
     name: String,

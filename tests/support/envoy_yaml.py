@@ -17,9 +17,10 @@ HTTP_FILTERS = """
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"""
 
 
-def listener(name, port, virtual_hosts, codec="AUTO", host="127.0.0.1"):
+def listener(name, port, virtual_hosts, codec="AUTO", host="127.0.0.1", filters=HTTP_FILTERS, hcm_extra=""):
     """One listener with an http_connection_manager; `virtual_hosts` is YAML indented for
-    `route_config.virtual_hosts` (items starting with 12 spaces and a dash)."""
+    `route_config.virtual_hosts` (items starting with 12 spaces and a dash); `hcm_extra` is more
+    of the connection manager's fields, indented by 10 spaces."""
     return f"""
   - name: {name}
     address:
@@ -30,10 +31,10 @@ def listener(name, port, virtual_hosts, codec="AUTO", host="127.0.0.1"):
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           codec_type: {codec}
-          stat_prefix: {name}
+          stat_prefix: {name}{hcm_extra}
           route_config:
             name: local_route
-            virtual_hosts:{virtual_hosts}{HTTP_FILTERS}"""
+            virtual_hosts:{virtual_hosts}{filters}"""
 
 
 def cluster(name, ports, host="127.0.0.1", kind="STATIC", connect_timeout="0.25s", extra=""):

@@ -1,4 +1,5 @@
 import Foundation
+import ProxyConfig
 import NIOCore
 
 /// Envoy's latency histogram buckets, in milliseconds (its default `histogram_bucket_settings`).
@@ -355,9 +356,10 @@ extension LoopStats {
 
 /// A gRPC method's stats on one loop: `cluster.<name>.grpc-web.<service>.<method>.*`.
 final class MethodStatNames {
-  let total: StatCounter
-  let success: StatCounter
-  let failure: StatCounter
+  // Made on first use, as Envoy makes them: a method that never failed has no `failure`.
+  private(set) lazy var total = self.stats.counter(self.prefix + "total")
+  private(set) lazy var success = self.stats.counter(self.prefix + "success")
+  private(set) lazy var failure = self.stats.counter(self.prefix + "failure")
   private let prefix: String
   private unowned let stats: LoopStats
   private var byStatus: [Int: StatCounter] = [:]
@@ -365,9 +367,6 @@ final class MethodStatNames {
   init(stats: LoopStats, prefix: String) {
     self.stats = stats
     self.prefix = prefix
-    self.total = stats.counter(prefix + "total")
-    self.success = stats.counter(prefix + "success")
-    self.failure = stats.counter(prefix + "failure")
   }
 
   func status(_ code: Int) -> StatCounter {
@@ -376,6 +375,11 @@ final class MethodStatNames {
     self.byStatus[code] = counter
     return counter
   }
+
+  /// The grpc_stats filter's, made on first use as Envoy makes them.
+  private(set) lazy var requestMessages = self.stats.counter(self.prefix + "request_message_count")
+  private(set) lazy var responseMessages = self.stats.counter(self.prefix + "response_message_count")
+  private(set) lazy var upstreamTime = self.stats.histogram(self.prefix + "upstream_rq_time")
 }
 
 /// The per-call stats of one loop's clusters and methods, resolved on first use.
@@ -403,6 +407,24 @@ final class CallStatNames {
     let method = known && !full ? "\(parts[1]).\(parts[2].prefix(while: { $0 != "?" }))" : "unknown.unknown"
     let names = MethodStatNames(stats: self.stats, prefix: "\(cluster.prefix)\(bridge).\(method).")
     cluster.methods[bridge, default: [:]][key] = names
+    if !key.isEmpty { self.methodCount += 1 }
+    return names
+  }
+
+  /// The grpc_stats filter's `cluster.<name>.grpc.[<service>.<method>.]*` for a path, or nil
+  /// for a path that is not `/service/method` (Envoy does not count those).
+  func grpcStats(cluster name: String, path: String, config: GRPCStatsConfig) -> MethodStatNames? {
+    let cluster = self.cluster(name)
+    if let names = cluster.methods["grpc_stats"]?[path] { return names }
+    let parts = path.split(separator: "/", omittingEmptySubsequences: false)
+    guard parts.count == 3, parts[0].isEmpty, !parts[1].isEmpty, !parts[2].isEmpty else { return nil }
+    let named = config.statName(service: parts[1], method: parts[2])
+    // Unnamed calls share one entry; named ones are bounded like the grpc-web filter's.
+    let key = named != nil && self.methodCount < LoopStats.maxMethods ? path : ""
+    if let names = cluster.methods["grpc_stats"]?[key] { return names }
+    let prefix = "\(cluster.prefix)grpc." + (key.isEmpty || named == nil ? "" : named! + ".")
+    let names = MethodStatNames(stats: self.stats, prefix: prefix)
+    cluster.methods["grpc_stats", default: [:]][key] = names
     if !key.isEmpty { self.methodCount += 1 }
     return names
   }

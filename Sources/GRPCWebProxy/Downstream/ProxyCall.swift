@@ -129,6 +129,11 @@ final class ProxyCall: UpstreamStreamDelegate {
   private var clientGRPCStatus: Int?
   /// gRPC and gRPC-Web calls: the stats' bridge name ("grpc", "grpc-web") and the path.
   private var grpcMethod: (bridge: String, path: String)?
+  /// The grpc_stats filter's stats for this call and its message counts, when the chain has the
+  /// filter and the call is gRPC (or gRPC-Web, which the filter sees as gRPC after translation).
+  private var grpcStatsNames: MethodStatNames?
+  private var requestMessages = GRPCMessageCounter()
+  private var responseMessages = GRPCMessageCounter()
   private var recorded = false
   /// The access log's record, kept only when the connection manager has an access log.
   private var log: CallLogRecord?
@@ -175,7 +180,8 @@ final class ProxyCall: UpstreamStreamDelegate {
     self.translator = ResponseTranslator(kind: kind, maxTextFrameSize: self.runtime.maxTextFrameSize, allocator: self.allocator)
     switch kind {
     case .grpcWeb: self.grpcMethod = ("grpc-web", path)
-    case .grpc: self.grpcMethod = ("grpc", path)
+    // With a grpc_stats filter, native gRPC calls are counted by it (under the same names).
+    case .grpc: if self.runtime.listener.grpcStats == nil { self.grpcMethod = ("grpc", path) }
     case .other: break
     }
 
@@ -290,6 +296,9 @@ final class ProxyCall: UpstreamStreamDelegate {
     self.upstream = .opening(pending: [.headers(.init(headers: upstreamHeaders, endStream: endStream))])
 
     self.clusterName = clusterName
+    if let config = self.runtime.listener.grpcStats, kind.isGRPC {
+      self.grpcStatsNames = self.runtime.stats.names.grpcStats(cluster: clusterName, path: path, config: config)
+    }
     if let log = self.log {
       log.cluster = clusterName
       log.routeName = entry.route.name
@@ -338,6 +347,10 @@ final class ProxyCall: UpstreamStreamDelegate {
       self.request = .forwarding(decoder: text)
       guard decoded.readableBytes > 0 || endStream else { return }
       payload = decoded
+    }
+    if let names = self.grpcStatsNames {
+      let started = self.requestMessages.inspect(payload)
+      if started > 0 { names.requestMessages.add(started) }
     }
     if endStream {
       self.request = .complete
@@ -469,6 +482,10 @@ final class ProxyCall: UpstreamStreamDelegate {
     self.sentFrames = nil
     if self.idleTimeout != nil { self.lastActivity = .now() }
     if endStream { self.upstreamEnded = true }
+    if let names = self.grpcStatsNames {
+      let started = self.responseMessages.inspect(data)
+      if started > 0 { names.responseMessages.add(started) }
+    }
     self.apply(self.translator.receiveData(data, endStream: endStream))
     if let downstream = self.downstream, !downstream.isWritable, case .open(let stream) = self.upstream {
       // The client is not keeping up: stop giving the backend window for this stream.
@@ -804,6 +821,16 @@ final class ProxyCall: UpstreamStreamDelegate {
       method.total.add()
       (status == 0 ? method.success : method.failure).add()
       method.status(status).add()
+    }
+    if let names = self.grpcStatsNames {
+      if let status = self.clientGRPCStatus ?? self.translator.bodyTrailerStatus {
+        names.total.add()
+        (status == 0 ? names.success : names.failure).add()
+        names.status(status).add()
+      }
+      if let start = self.upstreamStart, self.runtime.listener.grpcStats?.upstreamStats == true {
+        names.upstreamTime.record(since: start)
+      }
     }
   }
 
