@@ -29,7 +29,6 @@ let package = Package(
     // Tracing: the OTLP/gRPC exporter only (no OTLP/HTTP, which would pull in async-http-client).
     .package(url: "https://github.com/swift-otel/swift-otel.git", from: "1.6.0", traits: ["OTLPGRPC"]),
     .package(url: "https://github.com/apple/swift-distributed-tracing.git", from: "1.7.3"),
-    .package(url: "https://github.com/apple/swift-service-context.git", from: "1.5.1"),
   ],
   targets: [
     // Envoy-shaped YAML to a validated configuration. Knows no sockets and no NIO.
@@ -65,7 +64,7 @@ let package = Package(
         .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         .product(name: "OTel", package: "swift-otel"),
         .product(name: "Tracing", package: "swift-distributed-tracing"),
-        .product(name: "ServiceContextModule", package: "swift-service-context"),
+        .product(name: "Instrumentation", package: "swift-distributed-tracing"),
       ],
       swiftSettings: defaultSwiftSettings
     ),

@@ -39,6 +39,7 @@ public final class ProxyServer: Service {
   private let logger: Logger
   private let onListening: @Sendable ([BoundListener]) async -> Void
   private let drainTime: Duration
+  private let tracing: ProxyTracing
   /// Draining and endpoint health, as the admin port reports them.
   public let status = ProxyStatus()
 
@@ -51,9 +52,11 @@ public final class ProxyServer: Service {
     group: MultiThreadedEventLoopGroup,
     logger: Logger,
     drainTime: Duration = .seconds(5),
+    tracing: ProxyTracing = .none,
     onListening: @escaping @Sendable ([BoundListener]) async -> Void = { _ in }
   ) {
     self.configuration = configuration
+    self.tracing = tracing
     self.group = group
     self.logger = logger
     self.drainTime = drainTime
@@ -84,6 +87,7 @@ public final class ProxyServer: Service {
     let logSinks = Set(config.listeners.flatMap { ([$0] + $0.otherChains).flatMap { $0.accessLogs.map(\.sink) } }
       + (config.admin?.accessLogs.map(\.sink) ?? []))
     let logFiles = logSinks.isEmpty ? nil : try AccessLogFiles(sinks: logSinks)
+    let tracing = self.tracing
     defer { logFiles?.shutdown() }
     for loop in self.group.makeIterator() {
       let status = self.status
@@ -101,6 +105,7 @@ public final class ProxyServer: Service {
             if let logFiles, !$0.accessLogs.isEmpty {
               runtime.accessLog = LoopAccessLog(configs: $0.accessLogs, files: logFiles, eventLoop: loop)
             }
+            runtime.tracer = tracing.tracer(for: $0)
             return runtime
           }
         }

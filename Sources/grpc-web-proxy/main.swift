@@ -132,12 +132,22 @@ struct GRPCWebProxyCommand: AsyncParsableCommand {
       throw ValidationError("--drain-time-s takes a number of seconds, 0 or more")
     }
     let drainTime = Duration.milliseconds(Int64(self.drainTimeSeconds * 1000))
-    let server = ProxyServer(configuration: configuration, group: group, logger: logger, drainTime: drainTime) { listeners in
+    let tracing: ProxyTracing
+    do {
+      tracing = try ProxyTracing(configuration: configuration, logger: logger)
+    } catch {
+      Self.stderr("error: \(error)")
+      try? await group.shutdownGracefully()
+      throw ExitCode(1)
+    }
+    let server = ProxyServer(configuration: configuration, group: group, logger: logger, drainTime: drainTime, tracing: tracing) { listeners in
       guard backend != nil, let first = listeners.first else { return }
       Self.printWelcome(host: first.host, port: first.port, page: !page.isEmpty)
     }
     let services = ServiceGroup(
-      configuration: .init(services: [.init(service: server)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+      // Services stop in reverse order: the proxy drains first, then the span exporters flush.
+      configuration: .init(services: tracing.services.map { .init(service: $0) } + [.init(service: server)],
+        gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
     )
     do {
       try await services.run()

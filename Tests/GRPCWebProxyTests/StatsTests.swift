@@ -83,3 +83,32 @@ import NIOHPACK
     #expect(AccessLogFormatter(AccessLogConfig(sink: .stdout, format: format, omitEmptyValues: true)).render(record()) == "200 [] POST\n")
   }
 }
+
+@Suite struct TracingDecisionTests {
+  private func config(random: Double = 100, client: Double = 100, overall: Double = 100) -> TracingConfig {
+    var c = TracingConfig(collector: .init(host: "h", port: 1, tls: false, cluster: nil), serviceName: "s")
+    c.randomSampling = random
+    c.clientSampling = client
+    c.overallSampling = overall
+    return c
+  }
+
+  @Test func samplingFollowsEnvoysOrder() {
+    // A client's "not sampled" wins; x-client-trace-id picks client_sampling; overall applies last.
+    #expect(!ListenerTracer.sampled(config(), clientTraceID: false, parentSampled: false, roll: { 0 }))
+    #expect(ListenerTracer.sampled(config(), clientTraceID: false, parentSampled: true, roll: { 99.9 }))
+    #expect(!ListenerTracer.sampled(config(random: 0), clientTraceID: false, parentSampled: true, roll: { 0 }))
+    #expect(ListenerTracer.sampled(config(random: 0), clientTraceID: true, parentSampled: nil, roll: { 0 }))
+    #expect(!ListenerTracer.sampled(config(client: 10), clientTraceID: true, parentSampled: nil, roll: { 10 }))
+    #expect(ListenerTracer.sampled(config(random: 50), clientTraceID: false, parentSampled: nil, roll: { 49.9 }))
+    #expect(!ListenerTracer.sampled(config(overall: 0), clientTraceID: false, parentSampled: nil, roll: { 0 }))
+  }
+
+  @Test func anUnsampledTraceParentKeepsTheTrace() {
+    let parent = ListenerTracer.unsampledTraceParent(traceID: "0af7651916cd43dd8448eb211c80319c")
+    #expect(parent.hasPrefix("00-0af7651916cd43dd8448eb211c80319c-") && parent.hasSuffix("-00"))
+    #expect(parent.count == 55)
+    let fresh = ListenerTracer.unsampledTraceParent(traceID: nil)
+    #expect(fresh.count == 55 && fresh.hasSuffix("-00"))
+  }
+}

@@ -24,6 +24,8 @@ final class CallLogRecord {
   var upstreamHost: String?
   var cluster: String?
   var routeName: String?
+  /// The path sent upstream (after a route's rewrite).
+  var upstreamPath: String?
   var connection: DownstreamConnectionInfo?
 
   func flag(_ flag: String) {

@@ -34,6 +34,8 @@ final class ListenerRuntime {
   let statNames: HTTPStatNames
   /// The connection manager's access logs on this loop, nil without any.
   var accessLog: LoopAccessLog?
+  /// The connection manager's tracing, nil without it.
+  var tracer: ListenerTracer?
 
   init(
     listener: Listener, routes: RouteTable, upstreams: LoopUpstreams, connections: LoopConnections,
@@ -137,6 +139,8 @@ final class ProxyCall: UpstreamStreamDelegate {
   private var recorded = false
   /// The access log's record, kept only when the connection manager has an access log.
   private var log: CallLogRecord?
+  /// The call's tracing, when the connection manager traces.
+  private var trace: CallTrace?
 
   /// `https` when the client's connection is TLS.
   private let connectionScheme: String
@@ -161,7 +165,8 @@ final class ProxyCall: UpstreamStreamDelegate {
   func receiveHead(_ headers: HPACKHeaders, endStream: Bool) {
     guard case .awaitingHead = self.request else { return }
     self.callStart = .now()
-    if self.runtime.accessLog != nil, let downstream = self.downstream {
+    // The span's attributes are the access log's fields: a traced call keeps the record too.
+    if self.runtime.accessLog != nil || self.runtime.tracer != nil, let downstream = self.downstream {
       let log = CallLogRecord()
       log.start = self.callStart
       log.requestHeaders = headers
@@ -169,6 +174,7 @@ final class ProxyCall: UpstreamStreamDelegate {
       if endStream { log.requestEnd = self.callStart }
       self.log = log
     }
+    if let tracer = self.runtime.tracer { self.trace = tracer.begin(request: headers) }
     let method = headers.first(name: ":method") ?? "GET"
     let path = headers.first(name: ":path") ?? "/"
     let authority = headers.first(name: ":authority") ?? ""
@@ -274,6 +280,7 @@ final class ProxyCall: UpstreamStreamDelegate {
     if plan.start == .requestStart { self.startDeadline() }
 
     let upstreamPath = entry.upstreamPath(path)
+    self.log?.upstreamPath = upstreamPath
     var upstreamHeaders = RequestTranslator.upstreamHeaders(
       headers, kind: kind, path: upstreamPath, grpcTimeout: plan.upstreamGRPCTimeout, forwardedProto: self.connectionScheme)
     if let host = entry.route.hostRewrite {
@@ -289,6 +296,7 @@ final class ProxyCall: UpstreamStreamDelegate {
       cluster.requestHeaders.apply(to: &upstreamHeaders, request: headers)
     }
     if !entry.requestHeaders.isEmpty { HeaderMutations.apply(entry.requestHeaders, to: &upstreamHeaders, request: headers) }
+    if let trace = self.trace { self.runtime.tracer?.inject(trace, into: &upstreamHeaders) }
     var requestText = false
     if case .grpcWeb(let text, _) = kind { requestText = text }
     self.request = endStream ? .complete : .forwarding(decoder: requestText ? Base64StreamDecoder() : nil)
@@ -792,14 +800,19 @@ final class ProxyCall: UpstreamStreamDelegate {
   private func recordStats() {
     guard !self.recorded, self.callStart.uptimeNanoseconds > 0 else { return }
     self.recorded = true
-    if let log = self.log, let accessLog = self.runtime.accessLog {
+    if let log = self.log {
       log.end = .now()
       log.responseCode = self.responseStatus
       // With no grpc-status anywhere, the one a gRPC client derives from the HTTP status (as
       // Envoy's %GRPC_STATUS% does: 404 is UNIMPLEMENTED).
       log.grpcStatus = self.clientGRPCStatus ?? self.translator.bodyTrailerStatus
         ?? self.responseStatus.map { GRPCProtocol.status(forHTTPStatus: $0) }
-      accessLog.log(log)
+      self.runtime.accessLog?.log(log)
+      if let span = self.trace?.span, let tracer = self.runtime.tracer {
+        let message = log.responseHeaders?.first(name: "grpc-message") ?? log.trailers?.first(name: "grpc-message")
+        tracer.finish(span, record: log, grpcMessage: message)
+      }
+      self.trace = nil
       self.log = nil
     }
     let stats = self.runtime.stats
