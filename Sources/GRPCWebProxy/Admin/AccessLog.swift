@@ -38,6 +38,7 @@ struct DownstreamConnectionInfo {
   var protocolName: String
   var remote: SocketAddress?
   var local: SocketAddress?
+  var tls: TLSSessionInfo?
 }
 
 /// One access log entry compiled: its filter and its format, ready to render a record. Format
@@ -236,7 +237,8 @@ struct AccessLogFormatter: Sendable {
     case "UPSTREAM_CLUSTER": return r.cluster
     case "ROUTE_NAME": return r.routeName
     // Not known to the call yet: "-", as Envoy writes for a connection without them.
-    case "REQUESTED_SERVER_NAME", "DOWNSTREAM_PEER_SUBJECT": return nil
+    case "REQUESTED_SERVER_NAME": return r.connection?.tls?.serverName
+    case "DOWNSTREAM_PEER_SUBJECT": return r.connection?.tls?.peerSubject
     case "DOWNSTREAM_REMOTE_ADDRESS", "DOWNSTREAM_DIRECT_REMOTE_ADDRESS":
       return r.connection?.remote.map(Self.address)
     case "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": return r.connection?.remote?.ipAddress

@@ -122,12 +122,20 @@ final class LoopStats {
   func connectionOpened(_ names: HTTPStatNames) {
     names.listenerConnections.add()
     names.listenerActive.value += 1
-    names.connections.add()
-    names.active.value += 1
   }
 
   func connectionClosed(_ names: HTTPStatNames) {
     names.listenerActive.value -= 1
+  }
+
+  /// The connection reached a connection manager: on a TLS listener, the filter chain the
+  /// client's server name chose, so each chain's `stat_prefix` counts its own connections.
+  func managerConnectionOpened(_ names: HTTPStatNames) {
+    names.connections.add()
+    names.active.value += 1
+  }
+
+  func managerConnectionClosed(_ names: HTTPStatNames) {
     names.active.value -= 1
   }
 }

@@ -32,7 +32,11 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream, Drainabl
 
   private let scheme: String
 
-  init(runtime: ListenerRuntime, scheme: String = "http") {
+  private let tls: TLSSessionInfo?
+
+  init(runtime: ListenerRuntime, tls: TLSSessionInfo? = nil) {
+    self.tls = tls
+    let scheme = tls == nil ? "http" : "https"
     self.runtime = runtime
     self.scheme = scheme
   }
@@ -238,7 +242,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream, Drainabl
   var connectionInfo: DownstreamConnectionInfo {
     DownstreamConnectionInfo(
       protocolName: "HTTP/\(self.version.major).\(self.version.minor)",
-      remote: self.context?.channel.remoteAddress, local: self.context?.channel.localAddress)
+      remote: self.context?.channel.remoteAddress, local: self.context?.channel.localAddress, tls: self.tls)
   }
 
   /// One call at a time: the connection's reading is the call's request body.

@@ -30,7 +30,11 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   /// `https` behind TLS (see ProxyCall.connectionScheme).
   private let scheme: String
 
-  init(runtime: ListenerRuntime, scheme: String = "http") {
+  private let tls: TLSSessionInfo?
+
+  init(runtime: ListenerRuntime, tls: TLSSessionInfo? = nil) {
+    self.tls = tls
+    let scheme = tls == nil ? "http" : "https"
     self.runtime = runtime
     self.scheme = scheme
   }
@@ -203,7 +207,8 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   fileprivate var isWritable: Bool { self.context?.channel.isWritable ?? false }
 
   fileprivate var connectionInfo: DownstreamConnectionInfo {
-    DownstreamConnectionInfo(protocolName: "HTTP/2", remote: self.context?.channel.remoteAddress, local: self.context?.channel.localAddress)
+    DownstreamConnectionInfo(
+      protocolName: "HTTP/2", remote: self.context?.channel.remoteAddress, local: self.context?.channel.localAddress, tls: self.tls)
   }
 
   fileprivate func returnWindow(_ stream: HTTP2DownstreamStream, force: Bool = false) {

@@ -181,7 +181,7 @@ enum DownstreamTLSPipeline {
   static func configure(
     _ channel: any Channel, listener: TLSListener, codec: @escaping (Int) -> CodecType,
     idleTimeout: @escaping (Int) -> TimeAmount? = { _ in nil },
-    configureHTTP: @escaping (ChannelHandlerContext, Int, ProtocolDetector.Detected) throws -> Void
+    configureHTTP: @escaping (ChannelHandlerContext, Int, ProtocolDetector.Detected, TLSSessionInfo) throws -> Void
   ) throws {
     let tracker = TLSHandshakeTracker(listener: listener, channel: channel)
     let timeout = listener.chains.map(\.tls.handshakeTimeout).max() ?? DownstreamTLS.defaultHandshakeTimeout
@@ -202,7 +202,8 @@ enum DownstreamTLSPipeline {
       let handshake = TLSServerHandshakeHandler(
         tracker: tracker, chain: chain, codec: codec(index), idleTimeout: idleTimeout(index), sslHandler: ssl
       ) {
-        context, proto in try configureHTTP(context, index, proto)
+        context, proto, peerSubject in
+        try configureHTTP(context, index, proto, TLSSessionInfo(serverName: serverName, peerSubject: peerSubject))
       }
       do {
         try channel.pipeline.syncOperations.addHandlers([ssl, handshake])
@@ -261,12 +262,12 @@ final class TLSServerHandshakeHandler: ChannelInboundHandler, RemovableChannelHa
   /// after it, as on a cleartext connection.
   private let idleTimeout: TimeAmount?
   private let sslHandler: NIOSSLServerHandler
-  private let configureHTTP: (ChannelHandlerContext, ProtocolDetector.Detected) throws -> Void
+  private let configureHTTP: (ChannelHandlerContext, ProtocolDetector.Detected, String?) throws -> Void
 
   init(
     tracker: TLSHandshakeTracker, chain: TLSListener.Chain, codec: CodecType, idleTimeout: TimeAmount? = nil,
     sslHandler: NIOSSLServerHandler,
-    configureHTTP: @escaping (ChannelHandlerContext, ProtocolDetector.Detected) throws -> Void
+    configureHTTP: @escaping (ChannelHandlerContext, ProtocolDetector.Detected, String?) throws -> Void
   ) {
     self.tracker = tracker
     self.chain = chain
@@ -290,21 +291,22 @@ final class TLSServerHandshakeHandler: ChannelInboundHandler, RemovableChannelHa
       }
     }
     self.tracker.completed()
+    let subject = self.sslHandler.peerCertificate.map { TLSSessionInfo.subject(of: $0) }
     do {
       switch negotiated {
       case "h2":
-        try self.configureHTTP(context, .http2)
+        try self.configureHTTP(context, .http2, subject)
       case "http/1.1", "http/1.0":
-        try self.configureHTTP(context, .http1)
+        try self.configureHTTP(context, .http1, subject)
       default:
         switch self.codec {
-        case .http1: try self.configureHTTP(context, .http1)
-        case .http2: try self.configureHTTP(context, .http2)
+        case .http1: try self.configureHTTP(context, .http1, subject)
+        case .http2: try self.configureHTTP(context, .http2, subject)
         case .auto:
           // No ALPN: tell HTTP/2 (prior knowledge) from HTTP/1.1 by the first bytes, as in cleartext.
           let configure = self.configureHTTP
           try context.pipeline.syncOperations.addHandler(
-            ProtocolDetector(idleTimeout: self.idleTimeout) { context, proto in try configure(context, proto) })
+            ProtocolDetector(idleTimeout: self.idleTimeout) { context, proto in try configure(context, proto, subject) })
         }
       }
     } catch {
@@ -409,5 +411,37 @@ enum SubjectAltNames {
       let range = NSRange(value.startIndex..., in: value)
       return regex.firstMatch(in: value, options: [.anchored], range: range)?.range == range
     }
+  }
+}
+
+/// What a call may say about the TLS session under its connection: the server name the client
+/// asked for (SNI) and the subject of its certificate (mTLS), as Envoy's
+/// %REQUESTED_SERVER_NAME% and %DOWNSTREAM_PEER_SUBJECT% give them.
+struct TLSSessionInfo: Sendable {
+  var serverName: String?
+  var peerSubject: String?
+
+  /// The subject as RFC 2253 writes it (Envoy's form): the last name first, `CN=…,O=…,C=…`,
+  /// with `,+"\<>;` escaped. Attributes with no short name here are left out.
+  static func subject(of certificate: NIOSSLCertificate) -> String {
+    let short: [(SSLCertificateNameType, String)] = [
+      (.commonName, "CN"), (.organization, "O"), (.organizationalUnit, "OU"), (.city, "L"), (.state, "ST"),
+      (.country, "C"), (.emailAddress, "emailAddress"), (.userId, "UID"),
+    ]
+    return certificate.subjectName.reversed().compactMap { name in
+      guard let key = short.first(where: { $0.0 == name.type })?.1 else { return nil }
+      return "\(key)=\(Self.escape(name.value))"
+    }.joined(separator: ",")
+  }
+
+  static func escape(_ value: String) -> String {
+    var out = ""
+    for (i, c) in value.enumerated() {
+      if ",+\"\\<>;".contains(c) || (i == 0 && (c == "#" || c == " ")) || (i == value.count - 1 && c == " ") {
+        out.append("\\")
+      }
+      out.append(c)
+    }
+    return out
   }
 }
