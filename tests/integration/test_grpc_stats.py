@@ -110,8 +110,13 @@ def test_grpc_stats_counts_each_message_of_a_stream(replicas):
         assert h2.call("/demo.Echo/ServerStream", echo_req("s", count=25)).grpc_status == 0
         h2.close()
         stats = grpc_stats(admin)
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats/prometheus", timeout=5) as r:
+            prometheus = r.read().decode()
     finally:
         proxy.stop()
+    # Per-method p99 for a dashboard: Envoy's tags on the filter's histogram.
+    assert ('envoy_cluster_grpc_upstream_rq_time_count{envoy_cluster_name="users",envoy_grpc_bridge_service="demo.Echo",'
+            'envoy_grpc_bridge_method="ServerStream"} 1') in prometheus.splitlines()
     assert stats["cluster.users.grpc.demo.Echo.ServerStream.response_message_count"] == "25"
     assert stats["cluster.users.grpc.demo.Echo.ServerStream.request_message_count"] == "1"
     assert stats["cluster.users.grpc.demo.Echo.ServerStream.success"] == "1"
