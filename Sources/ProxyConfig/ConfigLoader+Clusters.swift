@@ -198,15 +198,20 @@ extension Reader {
     var od = Cluster.OutlierDetection()
     od.consecutive5xx = try m.optional("consecutive_5xx")?.int() ?? od.consecutive5xx
     od.consecutiveGatewayFailure = try m.optional("consecutive_gateway_failure")?.int() ?? od.consecutiveGatewayFailure
-    od.consecutiveLocalOriginFailure = try m.optional("consecutive_local_origin_failure")?.int() ?? od.consecutiveLocalOriginFailure
     od.baseEjectionTime = try m.optional("base_ejection_time")?.duration() ?? od.baseEjectionTime
     od.maxEjectionTime = try m.optional("max_ejection_time")?.duration() ?? od.maxEjectionTime
     od.maxEjectionPercent = try m.optional("max_ejection_percent")?.int() ?? od.maxEjectionPercent
     m.accept("interval", "enforcing_consecutive_5xx", "enforcing_consecutive_gateway_failure", "enforcing_success_rate",
       "success_rate_minimum_hosts", "success_rate_request_volume", "success_rate_stdev_factor",
-      "split_external_local_origin_errors", "enforcing_consecutive_local_origin_failure",
+      "consecutive_local_origin_failure", "enforcing_consecutive_local_origin_failure",
       "failure_percentage_threshold", "enforcing_failure_percentage", "failure_percentage_minimum_hosts",
       "failure_percentage_request_volume", "max_ejection_time_jitter", "successful_active_health_check_uneject_host")
+    // Without the split (Envoy's default) a reset or a failed connection counts as a 503, as here;
+    // with it, Envoy counts them apart under consecutive_local_origin_failure, which the proxy
+    // does not: say so rather than take the field and do nothing.
+    if let split = m.optional("split_external_local_origin_errors"), try split.bool() {
+      self.sink.add(split, "split_external_local_origin_errors is not supported: resets and connect failures count as 503s toward consecutive_5xx and consecutive_gateway_failure, and consecutive_local_origin_failure is not applied")
+    }
     try m.finish(known: [], warnings: self.sink)
     return od
   }

@@ -573,7 +573,6 @@ public struct Cluster: Sendable, Hashable {
   public struct OutlierDetection: Sendable, Hashable {
     public var consecutive5xx = 5
     public var consecutiveGatewayFailure = 5
-    public var consecutiveLocalOriginFailure = 5
     public var baseEjectionTime = ProxyDuration.seconds(30)
     public var maxEjectionTime = ProxyDuration.seconds(300)
     public var maxEjectionPercent = 10

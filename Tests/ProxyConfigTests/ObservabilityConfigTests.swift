@@ -110,3 +110,23 @@ import Testing
     }
   }
 }
+
+@Suite struct OutlierDetectionConfigTests {
+  @Test func splitLocalOriginErrorsIsSaidNotToBeSupported() throws {
+    let yaml = """
+      static_resources:
+        listeners: []
+        clusters:
+        - name: c
+          connect_timeout: 1s
+          http2_protocol_options: {}
+          outlier_detection: { consecutive_5xx: 3, split_external_local_origin_errors: true, consecutive_local_origin_failure: 2 }
+          load_assignment: { cluster_name: c, endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 1 } } } }] }] }
+      """
+    let loaded = try ConfigLoader.load(yaml: yaml)
+    #expect(loaded.configuration.clusters[0].outlierDetection?.consecutive5xx == 3)
+    let warning = try #require(loaded.warnings.first { $0.message.hasPrefix("split_external_local_origin_errors is not supported") })
+    #expect(warning.path.hasSuffix("outlier_detection.split_external_local_origin_errors"))
+    #expect(warning.line == 7)
+  }
+}
