@@ -308,7 +308,11 @@ public final class ProxyServer: Service {
       .serverChannelOption(.backlog, value: 1024)
       .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
       .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
-      .childChannelOption(.maxMessagesPerRead, value: 16)
+      // One read per wake-up, then the writes it caused are flushed before the next: NIOHTTP2
+      // appends each read to what is left of the previous one, and while that read's DATA is
+      // still queued for the other side, the shared buffer is copied whole before the append
+      // (measured: 41 % of the instructions of a 1 MiB call, down to 28 %; `scripts/count-per-call`).
+      .childChannelOption(.maxMessagesPerRead, value: 1)
       // per_connection_buffer_limit_bytes is also Envoy's high watermark of a connection's write
       // buffer. NIO's default (64 KiB) made a streamed response flip the socket's writability,
       // and NIOHTTP2 re-run its queues, several times per read.

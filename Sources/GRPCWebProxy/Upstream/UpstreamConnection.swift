@@ -230,6 +230,10 @@ final class UpstreamConnection {
       // high watermark; NIO's 64 KiB flipped writability several times per large request.
       .channelOption(.writeBufferWaterMark, value: .init(low: 512 * 1024, high: 1024 * 1024))
       .channelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 16 * 1024, maximum: 256 * 1024))
+      // One read per wake-up (see ProxyServer's listener options): NIOHTTP2 appends each read to
+      // what is left of the previous one, and while that read's DATA is still queued for the
+      // other side the append copies the whole previous buffer first.
+      .channelOption(.maxMessagesPerRead, value: 1)
     if self.endpoint.unixSocketPath == nil {
       bootstrap = bootstrap.channelOption(.tcpOption(.tcp_nodelay), value: 1)
     }
