@@ -317,10 +317,7 @@ public final class ProxyServer: Service {
       // buffer. NIO's default (64 KiB) made a streamed response flip the socket's writability,
       // and NIOHTTP2 re-run its queues, several times per read.
       .childChannelOption(.writeBufferWaterMark, value: .init(low: listener.bufferLimit / 2, high: max(1, listener.bufferLimit)))
-      // Reads grow up to 1 MiB for bulk transfers: NIOHTTP2 copies each read once into what is
-      // left of the last, and fewer, larger reads cost less per byte than 256 KiB ones (1 MiB
-      // race 0.76 -> 0.84, memory of 5 slow readers unchanged: tests/integration/test_backpressure.py).
-      .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 16 * 1024, maximum: 1024 * 1024))
+      .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 16 * 1024, maximum: 256 * 1024))
       .childChannelInitializer { channel in
         channel.eventLoop.makeCompletedFuture {
           guard let state = loops[ObjectIdentifier(channel.eventLoop)] else {

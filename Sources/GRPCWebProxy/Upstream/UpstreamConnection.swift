@@ -229,10 +229,7 @@ final class UpstreamConnection {
       // Envoy's default per_connection_buffer_limit_bytes for a cluster, as the write buffer's
       // high watermark; NIO's 64 KiB flipped writability several times per large request.
       .channelOption(.writeBufferWaterMark, value: .init(low: 512 * 1024, high: 1024 * 1024))
-      // Reads grow up to 1 MiB for bulk transfers: NIOHTTP2 copies each read once into what is
-      // left of the last, and fewer, larger reads cost less per byte than 256 KiB ones (1 MiB
-      // race 0.76 -> 0.84, memory of 5 slow readers unchanged: tests/integration/test_backpressure.py).
-      .channelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 16 * 1024, maximum: 1024 * 1024))
+      .channelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 16 * 1024, maximum: 256 * 1024))
       // One read per wake-up (see ProxyServer's listener options): NIOHTTP2 appends each read to
       // what is left of the previous one, and while that read's DATA is still queued for the
       // other side the append copies the whole previous buffer first.
