@@ -101,7 +101,12 @@ class EarlyAnswerBackend:
         with self.lock:
             self.answered += 1
         if reset:
-            conn.reset_stream(sid, h2.errors.ErrorCodes.NO_ERROR)
+            try:
+                conn.reset_stream(sid, h2.errors.ErrorCodes.NO_ERROR)
+            except h2.exceptions.StreamClosedError:
+                # The request's END_STREAM came in the same read as its message (h2 has already
+                # closed the stream): there is nothing left to reset.
+                return
             with self.lock:
                 self.resets_sent += 1
 

@@ -87,6 +87,20 @@ def by_agent(spans):
     return {s["attributes"].get("user_agent"): s for s in spans}
 
 
+TRAFFIC_AGENTS = {"root-call", "continued", "dead", "trailers-only", "failed"}
+
+
+def spans_of(receiver, agents, timeout=15):
+    """The spans of the calls made by `agents`, by agent, once all have arrived."""
+    deadline = time.monotonic() + timeout
+    while True:
+        spans = {agent: span for agent, span in by_agent(receiver.spans()).items() if agent in agents}
+        if set(spans) == agents:
+            return spans
+        assert time.monotonic() < deadline, f"spans of {sorted(agents - set(spans))} did not arrive"
+        time.sleep(0.1)
+
+
 def test_spans_and_the_trace_context_sent_upstream(receiver, backend, replicas):
     port = free_port()
     proxy = start_proxy(config(port, receiver, backend, replicas), port)
@@ -187,7 +201,7 @@ def test_spans_match_envoys(tmp_path, backend, replicas):
             port = free_port()
             with serving(who, config(port, receiver, backend, replicas), port, tmp_path):
                 traffic(port)
-                results[who] = by_agent(receiver.wait_for(5, timeout=15))
+                results[who] = spans_of(receiver, TRAFFIC_AGENTS)
     envoy, ours = results["envoy"], results["ours"]
     assert sorted(envoy) == sorted(ours) == ["continued", "dead", "failed", "root-call", "trailers-only"]
     for agent in envoy:
