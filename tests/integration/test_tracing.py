@@ -101,9 +101,19 @@ def spans_of(receiver, agents, timeout=15):
         time.sleep(0.1)
 
 
-def test_spans_and_the_trace_context_sent_upstream(receiver, backend, replicas):
+CUSTOM_TAGS = """
+            custom_tags:
+            - { tag: team, literal: { value: web } }
+            - { tag: tenant, request_header: { name: x-tenant, default_value: none } }
+            - { tag: zone.name, environment: { name: TRACING_TEST_ZONE } }
+            - { tag: missing, environment: { name: TRACING_TEST_UNSET } }"""
+
+
+def test_spans_and_the_trace_context_sent_upstream(receiver, backend, replicas, monkeypatch):
+    monkeypatch.setenv("TRACING_TEST_ZONE", "eu-1")
+    monkeypatch.delenv("TRACING_TEST_UNSET", raising=False)
     port = free_port()
-    proxy = start_proxy(config(port, receiver, backend, replicas), port)
+    proxy = start_proxy(config(port, receiver, backend, replicas, sampling=CUSTOM_TAGS), port)
     try:
         traffic(port)
         # The batch goes out within the exporter's 5 s schedule.
@@ -124,6 +134,7 @@ def test_spans_and_the_trace_context_sent_upstream(receiver, backend, replicas):
     assert a["rpc.system"] == "grpc" and a["rpc.service"] == "demo.User" and a["rpc.method"] == "login"
     assert a["grpc.status_code"] == "0" and a["rpc.grpc.status_code"] == 0 and "error" not in a
     assert root["status_code"] == "STATUS_CODE_UNSET"
+    assert (a["team"], a["tenant"], a["zone.name"]) == ("web", "none", "eu-1") and "missing" not in a
     assert upstream["root-call"]["traceparent"] == f"00-{root['trace_id']}-{root['span_id']}-01"
 
     continued = spans["continued"]

@@ -345,6 +345,10 @@ final class ClusterStatNames {
   /// Per gRPC bridge ("grpc-web", "grpc"), per path: the method's stats, found with no key
   /// built per call.
   var methods: [String: [String: MethodStatNames]] = [:]
+  /// The grpc_stats filter's, per path, and per stat name (`<service>.<method>.`, or "" for
+  /// calls counted under `grpc.*`): many paths may share one.
+  var grpcStatsByPath: [String: MethodStatNames] = [:]
+  var grpcStatsByName: [String: MethodStatNames] = [:]
 
   /// `upstream_rq_<code>`.
   func status(_ code: Int) -> StatCounter {
@@ -423,17 +427,18 @@ final class CallStatNames {
   /// for a path that is not `/service/method` (Envoy does not count those).
   func grpcStats(cluster name: String, path: String, config: GRPCStatsConfig) -> MethodStatNames? {
     let cluster = self.cluster(name)
-    if let names = cluster.methods["grpc_stats"]?[path] { return names }
+    if let names = cluster.grpcStatsByPath[path] { return names }
     let parts = path.split(separator: "/", omittingEmptySubsequences: false)
     guard parts.count == 3, parts[0].isEmpty, !parts[1].isEmpty, !parts[2].isEmpty else { return nil }
-    let named = config.statName(service: parts[1], method: parts[2])
-    // Unnamed calls share one entry; named ones are bounded like the grpc-web filter's.
-    let key = named != nil && self.methodCount < LoopStats.maxMethods ? path : ""
-    if let names = cluster.methods["grpc_stats"]?[key] { return names }
-    let prefix = "\(cluster.prefix)grpc." + (key.isEmpty || named == nil ? "" : named! + ".")
-    let names = MethodStatNames(stats: self.stats, prefix: prefix)
-    cluster.methods["grpc_stats", default: [:]][key] = names
-    if !key.isEmpty { self.methodCount += 1 }
+    // Paths come from clients: past the bound, a path is neither remembered nor named.
+    let full = self.methodCount >= LoopStats.maxMethods
+    let statName = full ? "" : config.statName(service: parts[1], method: parts[2]).map { $0 + "." } ?? ""
+    let names = cluster.grpcStatsByName[statName] ?? MethodStatNames(stats: self.stats, prefix: "\(cluster.prefix)grpc.\(statName)")
+    cluster.grpcStatsByName[statName] = names
+    if !full {
+      cluster.grpcStatsByPath[path] = names
+      self.methodCount += 1
+    }
     return names
   }
 }

@@ -30,15 +30,13 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream, Drainabl
   /// Set with a `request_headers_timeout`: times each request head from its first byte.
   weak var headWatcher: RequestBytesWatcher?
 
-  private let scheme: String
+  private var scheme: String { self.tls == nil ? "http" : "https" }
 
   private let tls: TLSSessionInfo?
 
   init(runtime: ListenerRuntime, tls: TLSSessionInfo? = nil) {
     self.tls = tls
-    let scheme = tls == nil ? "http" : "https"
     self.runtime = runtime
-    self.scheme = scheme
   }
 
   func handlerAdded(context: ChannelHandlerContext) {

@@ -28,15 +28,13 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   private var idleTask: Scheduled<Void>?
 
   /// `https` behind TLS (see ProxyCall.connectionScheme).
-  private let scheme: String
+  private var scheme: String { self.tls == nil ? "http" : "https" }
 
   private let tls: TLSSessionInfo?
 
   init(runtime: ListenerRuntime, tls: TLSSessionInfo? = nil) {
     self.tls = tls
-    let scheme = tls == nil ? "http" : "https"
     self.runtime = runtime
-    self.scheme = scheme
   }
 
   /// The HTTP/2 server handler for the connection, configured for this one.

@@ -165,8 +165,9 @@ final class ProxyCall: UpstreamStreamDelegate {
   func receiveHead(_ headers: HPACKHeaders, endStream: Bool) {
     guard case .awaitingHead = self.request else { return }
     self.callStart = .now()
-    // The span's attributes are the access log's fields: a traced call keeps the record too.
-    if self.runtime.accessLog != nil || self.runtime.tracer != nil, let downstream = self.downstream {
+    if let tracer = self.runtime.tracer { self.trace = tracer.begin(request: headers) }
+    // The span's attributes are the access log's fields: a sampled call keeps the record too.
+    if self.runtime.accessLog != nil || self.trace?.span != nil, let downstream = self.downstream {
       let log = CallLogRecord()
       log.start = self.callStart
       log.requestHeaders = headers
@@ -174,7 +175,6 @@ final class ProxyCall: UpstreamStreamDelegate {
       if endStream { log.requestEnd = self.callStart }
       self.log = log
     }
-    if let tracer = self.runtime.tracer { self.trace = tracer.begin(request: headers) }
     let method = headers.first(name: ":method") ?? "GET"
     let path = headers.first(name: ":path") ?? "/"
     let authority = headers.first(name: ":authority") ?? ""

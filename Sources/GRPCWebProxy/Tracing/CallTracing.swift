@@ -84,10 +84,18 @@ struct TracingSetupError: Error, CustomStringConvertible {
 final class ListenerTracer: Sendable {
   let config: TracingConfig
   let tracer: any Tracer
+  /// `custom_tags`, with environment variables read once here (as Envoy reads them at start)
+  /// rather than per call.
+  private let tags: [TracingConfig.CustomTag]
 
   init(config: TracingConfig, tracer: any Tracer) {
     self.config = config
     self.tracer = tracer
+    let environment = ProcessInfo.processInfo.environment
+    self.tags = config.customTags.compactMap { tag in
+      guard case .environment(let name, let variable, let fallback) = tag else { return tag }
+      return (environment[variable] ?? fallback).map { .literal(tag: name, value: $0) }
+    }
   }
 
   /// Envoy's decision: `client_sampling` for a request with `x-client-trace-id`, otherwise
@@ -197,14 +205,14 @@ final class ListenerTracer: Sendable {
           attributes["grpc.message"] = grpcMessage ?? ""
         }
       }
-      for tag in self.config.customTags {
+      for tag in self.tags {
         switch tag {
         case .literal(let name, let value):
           attributes[name] = value
         case .requestHeader(let name, let header, let fallback):
           if let value = request.first(name: header) ?? fallback { attributes[name] = value }
-        case .environment(let name, let variable, let fallback):
-          if let value = ProcessInfo.processInfo.environment[variable] ?? fallback { attributes[name] = value }
+        case .environment:
+          break  // resolved to literals in init
         }
       }
       if error { attributes["error"] = "true" }
