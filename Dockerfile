@@ -22,7 +22,7 @@
 # The build and the runtime use the same Ubuntu release, 24.04 "noble", named in the tag rather
 # than left to the plain `swift:6.3`, whose distribution is whichever one Swift makes the default.
 # The binaries carry the Swift runtime and Foundation (--static-swift-stdlib) but link glibc,
-# libstdc++ and zlib from the system, so the runtime image must be the same release as the build.
+# libstdc++, zlib and nghttp2 from the system, so the runtime image must be the same release as the build.
 ARG SWIFT_IMAGE=swift:6.3-noble
 ARG RUNTIME_IMAGE=ubuntu:noble
 ARG WEB_IMAGE=nginx:alpine
@@ -37,6 +37,11 @@ WORKDIR /src
 # Dependencies first, in a layer of their own, so that changing a source file does not fetch
 # them again. Package.resolved is not in git: when a local one is present it pins the versions,
 # otherwise they are resolved here.
+# nghttp2's headers: the upstream side's HTTP/2 codec.
+RUN export DEBIAN_FRONTEND=noninteractive \
+ && apt-get -q update \
+ && apt-get -q install -y --no-install-recommends libnghttp2-dev \
+ && rm -rf /var/lib/apt/lists/*
 COPY Package.swift Package.resolved* ./
 RUN swift package resolve
 
@@ -64,7 +69,7 @@ FROM ${BINARIES} AS binaries
 FROM ${RUNTIME_IMAGE} AS runtime
 RUN export DEBIAN_FRONTEND=noninteractive \
  && apt-get -q update \
- && apt-get -q install -y --no-install-recommends libstdc++6 zlib1g ca-certificates tzdata \
+ && apt-get -q install -y --no-install-recommends libstdc++6 zlib1g libnghttp2-14 ca-certificates tzdata \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 grpcweb \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \

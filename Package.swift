@@ -48,12 +48,19 @@ let package = Package(
       ],
       swiftSettings: defaultSwiftSettings
     ),
+    // nghttp2 (Debian's libnghttp2-dev), the HTTP/2 codec on the upstream side.
+    .systemLibrary(
+      name: "CNGHTTP2",
+      pkgConfig: "libnghttp2",
+      providers: [.apt(["libnghttp2-dev"])]
+    ),
     // The I/O layer: listeners, per-request handlers, upstream HTTP/2 pools, discovery.
     .target(
       name: "GRPCWebProxy",
       dependencies: [
         "GRPCWebCore",
         "ProxyConfig",
+        "CNGHTTP2",
         .product(name: "NIOCore", package: "swift-nio"),
         .product(name: "NIOPosix", package: "swift-nio"),
         .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -130,6 +137,9 @@ let package = Package(
         "ProxyConfig",
         .product(name: "NIOCore", package: "swift-nio"),
         .product(name: "NIOPosix", package: "swift-nio"),
+        .product(name: "NIOEmbedded", package: "swift-nio"),
+        .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+        .product(name: "NIOHPACK", package: "swift-nio-http2"),
       ],
       swiftSettings: defaultSwiftSettings
     ),

@@ -2,8 +2,8 @@
 
 Envoy answers 431 above `max_request_headers_kb` (60 KiB by default) and above
 `common_http_protocol_options.max_headers_count` (100 by default), on HTTP/1.1 and HTTP/2. A header
-block the backend cannot take (over its SETTINGS_MAX_HEADER_LIST_SIZE, or more than one frame)
-fails that call alone, with a message saying why, and never the upstream connection.
+block larger than one HTTP/2 frame goes to the backend with CONTINUATION frames; one the backend
+cannot take (over its SETTINGS_MAX_HEADER_LIST_SIZE) fails that call alone, with a message saying why, and never the upstream connection.
 """
 
 import pytest
@@ -79,9 +79,11 @@ def small_proxy(backend):
 
 @pytest.mark.parametrize("client", ["http1", "h2c"])
 def test_envoy_default_limits(default_proxy, client):
-    # Under the limit, but only as much as fits one HTTP/2 frame to the backend: the proxy does
-    # not send CONTINUATION frames yet (see the last test).
+    # Under the limit, and more than one HTTP/2 frame (16 KiB) to the backend: the block goes
+    # out as HEADERS and CONTINUATION frames, as Envoy sends a 32 KiB header.
     assert call(client, default_proxy, {"x-big": "a" * 12_000}).grpc_status == 0
+    assert call(client, default_proxy, {"x-big": "a" * 32_768}).grpc_status == 0
+    assert call(client, default_proxy, {"x-big": "a" * 58_000}).grpc_status == 0
     assert call(client, default_proxy, {"x-big": "a" * 100_000}).status == 431
     assert call(client, default_proxy, {f"x-h{i}": "v" for i in range(90)}).grpc_status == 0
     assert call(client, default_proxy, {f"x-h{i}": "v" for i in range(101)}).status == 431
