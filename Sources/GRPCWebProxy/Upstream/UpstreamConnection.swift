@@ -66,17 +66,12 @@ struct UpstreamStream {
 /// limit; this class returns receive window as calls consume data, and coalesces flushes into
 /// one per event-loop tick.
 ///
-/// States: `idle → connecting(waiters) → ready(context) → closed`, with `draining` once the
-/// pool has let go of it (endpoint removed, or GOAWAY): no new streams, close when empty.
+/// Its lifecycle (`idle → connecting → ready → draining → closed`) is the pure
+/// `UpstreamConnectionState`; this class performs what it decides, and holds the channel's
+/// context while it is open.
 final class UpstreamConnection {
   typealias Completion = (Result<UpstreamStream, UpstreamUnavailable>) -> Void
-
-  private enum State {
-    case idle
-    case connecting([(any UpstreamStreamDelegate, Completion)])
-    case ready(ChannelHandlerContext)
-    case closed
-  }
+  typealias Waiter = (delegate: any UpstreamStreamDelegate, completion: Completion)
 
   /// A class, so that a frame costs one table lookup and no write-back.
   private final class StreamEntry {
@@ -133,8 +128,9 @@ final class UpstreamConnection {
   private let logger: Logger
   private let onClose: (UpstreamConnection) -> Void
   private let onConnected: () -> Void
-  private var closeReported = false
-  private var state: State = .idle
+  private var lifecycle = UpstreamConnectionState<Waiter>()
+  /// The frame handler's context, from connected to closed.
+  private var context: ChannelHandlerContext?
   /// The server's SETTINGS_MAX_CONCURRENT_STREAMS (no limit until it says).
   private var peerMaxStreams = Int.max
   /// The backend's SETTINGS_MAX_HEADER_LIST_SIZE (unlimited until it says) and
@@ -147,7 +143,6 @@ final class UpstreamConnection {
   private var streams: [HTTP2StreamID: StreamEntry] = [:]
   private var nextStreamID: Int32 = 1
   private var flushScheduled = false
-  private(set) var draining = false
 
   init(
     endpoint: HostAndPort,
@@ -168,50 +163,41 @@ final class UpstreamConnection {
       (.nanoseconds(max($0.interval.nanoseconds, 10_000_000)), .nanoseconds(max($0.timeout.nanoseconds, 10_000_000)))
     }
     self.onConnected = onConnected
-    self.onClose = { connection in
-      guard !connection.closeReported else { return }
-      connection.closeReported = true
-      onClose(connection)
-    }
+    self.onClose = onClose
+  }
+
+  /// Whether the pool has let go of it (draining or closed).
+  var draining: Bool { self.lifecycle.isDraining }
+
+  /// Ready or draining: the context to write through.
+  private var openContext: ChannelHandlerContext? {
+    self.lifecycle.isOpen ? self.context : nil
   }
 
   /// Calls in flight on this connection (LEAST_REQUEST compares them).
   var activeStreams: Int {
-    if case .connecting(let waiters) = self.state { return waiters.count }
-    return self.streams.count
+    self.lifecycle.isConnecting ? self.lifecycle.waiting : self.streams.count
   }
 
   /// Whether another call fits under the server's concurrent stream limit.
   var hasCapacity: Bool {
-    switch self.state {
-    case .idle: return true
-    case .connecting, .ready: return !self.draining && self.activeStreams < self.peerMaxStreams
-    case .closed: return false
-    }
+    self.lifecycle.hasCapacity(active: self.activeStreams, peerMaxStreams: self.peerMaxStreams)
   }
 
-  var isReady: Bool {
-    if case .ready = self.state { return true }
-    return false
-  }
+  var isReady: Bool { self.lifecycle.isReady }
 
   // MARK: - Opening streams
 
   func openStream(for delegate: any UpstreamStreamDelegate, completion: @escaping Completion) {
-    switch self.state {
-    case .idle:
-      self.state = .connecting([(delegate, completion)])
+    switch self.lifecycle.open((delegate, completion)) {
+    case .connect:
       self.startConnecting()
-    case .connecting(var waiters):
-      self.state = .closed  // avoid copying the array while appending
-      waiters.append((delegate, completion))
-      self.state = .connecting(waiters)
-    case .ready where self.draining:
-      completion(.failure(UpstreamUnavailable(reason: "connection termination", notSent: true)))
-    case .ready:
-      completion(self.register(delegate))
-    case .closed:
-      completion(.failure(UpstreamUnavailable(reason: "connection termination", notSent: true)))
+    case .wait:
+      break
+    case .register(let waiter):
+      waiter.completion(self.register(waiter.delegate))
+    case .refuse(let waiter):
+      waiter.completion(.failure(UpstreamUnavailable(reason: "connection termination", notSent: true)))
     }
   }
 
@@ -295,13 +281,16 @@ final class UpstreamConnection {
 
   /// The frame handler is active: streams can be opened.
   fileprivate func connected(_ context: ChannelHandlerContext) {
-    guard case .connecting(let waiters) = self.state else {
-      if case .ready = self.state { return }
+    let waiters: [Waiter]
+    switch self.lifecycle.connected() {
+    case .register(let list): waiters = list
+    case .none: return
+    case .close:
       context.close(promise: nil)
       return
     }
     self.logger.debug("upstream connected", metadata: ["endpoint": "\(self.endpoint)"])
-    self.state = .ready(context)
+    self.context = context
     self.onConnected()
     self.startKeepalive(context)
     // The connection's receive window starts at 64 KiB whatever the settings say.
@@ -314,19 +303,22 @@ final class UpstreamConnection {
   }
 
   func connectFailed(reason: String) {
-    guard case .connecting(let waiters) = self.state else { return }
+    guard let failed = self.lifecycle.connectFailed() else { return }
+    self.reportConnectFailure(failed, reason: reason)
+  }
+
+  private func reportConnectFailure(_ failed: UpstreamConnectionState<Waiter>.FailedAction, reason: String) {
     self.logger.info("upstream connect failed", metadata: ["endpoint": "\(self.endpoint)", "reason": "\(reason)"])
-    self.state = .closed
-    self.onClose(self)
-    for (_, completion) in waiters {
-      completion(.failure(UpstreamUnavailable(reason: reason, connectFailure: true)))
+    if failed.forget { self.onClose(self) }
+    for waiter in failed.waiters {
+      waiter.completion(.failure(UpstreamUnavailable(reason: reason, connectFailure: true)))
     }
   }
 
   // MARK: - Writing
 
   fileprivate func write(_ payload: HTTP2Frame.FramePayload, on id: HTTP2StreamID) {
-    guard case .ready(let context) = self.state, self.streams[id] != nil else { return }
+    guard let context = self.openContext, self.streams[id] != nil else { return }
     var promise: EventLoopPromise<Void>?
     if case .headers(let headers) = payload, let problem = self.headerBlockProblem(headers.headers) {
       // Sent, it would cost the connection (NIOHTTP2 cannot split a block into CONTINUATION
@@ -384,7 +376,7 @@ final class UpstreamConnection {
   }
 
   fileprivate func cancel(_ id: HTTP2StreamID) {
-    guard self.streams.removeValue(forKey: id) != nil, case .ready(let context) = self.state else { return }
+    guard self.streams.removeValue(forKey: id) != nil, let context = self.openContext else { return }
     context.write(NIOAny(HTTP2Frame(streamID: id, payload: .rstStream(.cancel))), promise: nil)
     self.scheduleFlush()
     self.closeIfDrained()
@@ -407,13 +399,13 @@ final class UpstreamConnection {
     self.flushScheduled = true
     self.eventLoop.assumeIsolated().execute {
       self.flushScheduled = false
-      if case .ready(let context) = self.state { context.flush() }
+      self.openContext?.flush()
     }
   }
 
   private func returnWindow(_ id: HTTP2StreamID, _ entry: StreamEntry) {
     guard !entry.paused && !entry.peerEnded && entry.owed >= Self.streamWindow / 2,
-      case .ready(let context) = self.state, self.streams[id] === entry
+      let context = self.openContext, self.streams[id] === entry
     else { return }
     context.write(NIOAny(HTTP2Frame(streamID: id, payload: .windowUpdate(windowSizeIncrement: entry.owed))), promise: nil)
     entry.owed = 0
@@ -474,7 +466,7 @@ final class UpstreamConnection {
   /// consumed: DATA for a stream already reset never reaches a call, and counting consumption
   /// would leak that window until the backend could send nothing at all.
   fileprivate func connectionWindowChanged(inbound: Int) {
-    guard inbound <= Self.connectionWindow / 2, case .ready(let context) = self.state else { return }
+    guard inbound <= Self.connectionWindow / 2, let context = self.openContext else { return }
     let increment = Self.connectionWindow - inbound
     context.write(NIOAny(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: increment))), promise: nil)
     self.scheduleFlush()
@@ -497,13 +489,13 @@ final class UpstreamConnection {
   private func startKeepalive(_ context: ChannelHandlerContext) {
     guard let (interval, timeout) = self.keepalive else { return }
     self.keepaliveTask = self.eventLoop.assumeIsolated().scheduleTask(in: interval) {
-      guard case .ready(let context) = self.state else { return }
+      guard let context = self.openContext else { return }
       if self.pingTimeout == nil {
         context.write(NIOAny(HTTP2Frame(streamID: .rootStream, payload: .ping(HTTP2PingData(withInteger: 0x6b65_6570_616c_6976), ack: false))), promise: nil)
         self.scheduleFlush()
         self.pingTimeout = self.eventLoop.assumeIsolated().scheduleTask(in: timeout) {
           self.logger.warning("upstream \(self.endpoint) did not answer a PING within \(timeout.nanoseconds / 1_000_000) ms: closing its connection")
-          if case .ready(let context) = self.state { context.close(promise: nil) }
+          self.openContext?.close(promise: nil)
         }
       }
       self.startKeepalive(context)
@@ -521,12 +513,16 @@ final class UpstreamConnection {
     self.stopKeepalive()
     let streams = self.streams
     self.streams.removeAll()
-    if case .connecting = self.state {
-      self.connectFailed(reason: "remote connection failure")
+    self.context = nil
+    let forget: Bool
+    switch self.lifecycle.channelClosed() {
+    case .connectFailed(let failed):
+      self.reportConnectFailure(failed, reason: "remote connection failure")
       return
+    case .endStreams(let forgetNow):
+      forget = forgetNow
     }
-    self.state = .closed
-    self.onClose(self)
+    if forget { self.onClose(self) }
     for entry in streams.values {
       entry.delegate.upstreamClosed(reason: "connection termination", unprocessed: false)
     }
@@ -541,22 +537,22 @@ final class UpstreamConnection {
 
   /// Takes no new calls; closes once the calls in flight are done.
   func retire() {
-    guard !self.draining else { return }
-    self.draining = true
-    self.onClose(self)
-    switch self.state {
-    case .connecting(let waiters):
-      self.state = .closed
-      for (_, completion) in waiters { completion(.failure(UpstreamUnavailable(reason: "connection termination", notSent: true))) }
-    case .ready:
+    switch self.lifecycle.retire() {
+    case .failWaiters(let waiters, let forget):
+      if forget { self.onClose(self) }
+      for waiter in waiters {
+        waiter.completion(.failure(UpstreamUnavailable(reason: "connection termination", notSent: true)))
+      }
+    case .drain(let forget):
+      if forget { self.onClose(self) }
       self.closeIfDrained()
-    case .idle, .closed:
-      self.state = .closed
+    case .none(let forget):
+      if forget { self.onClose(self) }
     }
   }
 
   private func closeIfDrained() {
-    guard self.draining, self.streams.isEmpty, case .ready(let context) = self.state else { return }
+    guard self.lifecycle.shouldClose(streamsLeft: self.streams.count), let context = self.context else { return }
     context.close(promise: nil)
   }
 
