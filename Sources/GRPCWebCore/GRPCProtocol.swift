@@ -32,19 +32,6 @@ public enum GRPCProtocol {
     return "\(min((minutes + 59) / 60, 99_999_999))H"
   }
 
-  /// The gRPC status for an HTTP status when the response carries none (Envoy's table:
-  /// `Grpc::Utility::httpToGrpcStatus`, which has no 431 row).
-  public static func status(forHTTPStatus code: Int) -> Int {
-    switch code {
-    case 400: return 13
-    case 401: return 16
-    case 403: return 7
-    case 404: return 12
-    case 429, 502, 503, 504: return 14
-    default: return 2
-    }
-  }
-
   /// Percent-encodes a `grpc-message`: `%` and bytes outside 0x20...0x7E.
   public static func percentEncode<C: Collection>(_ bytes: C) -> String where C.Element == UInt8 {
     let hex = Array("0123456789ABCDEF".utf8)

@@ -1,5 +1,6 @@
 import NIOCore
 import NIOHPACK
+import ProxyConfig
 
 /// A response status and headers, without pseudo-headers.
 public struct ResponseHead: Sendable {
@@ -147,7 +148,7 @@ public struct ResponseTranslator: Sendable {
   /// The grpc-status the client reads from a trailer frame this translator wrote into a
   /// gRPC-Web body (the backend's trailers, or a failure's); statuses in headers or HTTP
   /// trailers are in the output itself.
-  public private(set) var bodyTrailerStatus: Int?
+  public private(set) var bodyTrailerStatus: GRPCStatus?
 
   /// Whether the downstream response head has been written.
   public var headSent: Bool {
@@ -281,7 +282,7 @@ public struct ResponseTranslator: Sendable {
       // The trailers become the body's last frame, and the response ends with no HTTP
       // trailers (E14, E16).
       var frame = self.allocator.buffer(capacity: 64)
-      self.bodyTrailerStatus = trailers.first(name: "grpc-status").flatMap { Int($0) }
+      self.bodyTrailerStatus = trailers.first(name: "grpc-status").flatMap { GRPCStatus(headerValue: $0) }
       TrailerFrame.encode(trailers.lazy.filter { !$0.name.hasPrefix(":") }.map { ($0.name, $0.value) }, into: &frame)
       return Output(body: text ? Base64.encode(frame, allocator: self.allocator) : frame, end: .clean(trailers: nil))
     case .transforming(let status, let headers, let body, _):
@@ -296,8 +297,8 @@ public struct ResponseTranslator: Sendable {
     let (httpStatus, grpcStatus, message) = Self.describe(failure)
     // Once the response has started, a deadline is reported as DEADLINE_EXCEEDED: the client
     // reads it from the trailers, not from an HTTP status mapped to UNAVAILABLE.
-    let midStreamStatus: Int
-    if case .timeout = failure { midStreamStatus = 4 } else { midStreamStatus = grpcStatus }
+    let midStreamStatus: GRPCStatus
+    if case .timeout = failure { midStreamStatus = .deadlineExceeded } else { midStreamStatus = grpcStatus }
     switch self.state {
     case .finished:
       return .nothing
@@ -312,11 +313,11 @@ public struct ResponseTranslator: Sendable {
         // trailer frame tells it what happened.
         var frame = self.allocator.buffer(capacity: 64)
         self.bodyTrailerStatus = midStreamStatus
-        TrailerFrame.encode([("grpc-status", String(midStreamStatus)), ("grpc-message", GRPCProtocol.percentEncode(message))], into: &frame)
+        TrailerFrame.encode([("grpc-status", midStreamStatus.headerValue), ("grpc-message", GRPCProtocol.percentEncode(message))], into: &frame)
         return Output(body: text ? Base64.encode(frame, allocator: self.allocator) : frame, end: .clean(trailers: nil))
       case .grpc:
         var trailers = HPACKHeaders()
-        trailers.add(name: "grpc-status", value: String(midStreamStatus))
+        trailers.add(name: "grpc-status", value: midStreamStatus.headerValue)
         trailers.add(name: "grpc-message", value: GRPCProtocol.percentEncode(message))
         return Output(end: .clean(trailers: trailers))
       case .other:
@@ -328,7 +329,7 @@ public struct ResponseTranslator: Sendable {
   /// A reply made by the proxy itself (no route, bad request, upstream failure), shaped for the
   /// kind of call: for gRPC-Web an HTTP status with `grpc-status`/`grpc-message` headers and an
   /// empty body (L1, L5); for native gRPC a trailers-only 200 (L2).
-  public mutating func localReply(httpStatus: Int, grpcStatus: Int?, message: String?) -> Output {
+  public mutating func localReply(httpStatus: Int, grpcStatus: GRPCStatus?, message: String?) -> Output {
     self.state = .finished
     var headers = HPACKHeaders()
     switch self.kind {
@@ -336,14 +337,14 @@ public struct ResponseTranslator: Sendable {
       headers.add(name: "content-type", value: self.kind.responseContentType!)
       if let grpcStatus {
         // The reply went through the grpc_web filter's transformation, which sets the length.
-        headers.add(name: "grpc-status", value: String(grpcStatus))
+        headers.add(name: "grpc-status", value: grpcStatus.headerValue)
         if let message, !message.isEmpty { headers.add(name: "grpc-message", value: GRPCProtocol.percentEncode(message)) }
         headers.add(name: "content-length", value: "0")
       }
       return Output(head: ResponseHead(status: httpStatus, headers: headers), end: .clean(trailers: nil))
     case .grpc:
       headers.add(name: "content-type", value: "application/grpc")
-      headers.add(name: "grpc-status", value: String(grpcStatus ?? GRPCProtocol.status(forHTTPStatus: httpStatus)))
+      headers.add(name: "grpc-status", value: (grpcStatus ?? GRPCStatus(httpStatus: httpStatus)).headerValue)
       if let message, !message.isEmpty { headers.add(name: "grpc-message", value: GRPCProtocol.percentEncode(message)) }
       return Output(head: ResponseHead(status: 200, headers: headers), end: .clean(trailers: nil))
     case .other:
@@ -361,7 +362,7 @@ public struct ResponseTranslator: Sendable {
 
   private func transformed(status: Int, headers: HPACKHeaders, body: ByteBuffer?, limit: Int, trailers: HPACKHeaders?) -> Output {
     var headers = headers
-    headers.replaceOrAdd(name: "grpc-status", value: String(GRPCProtocol.status(forHTTPStatus: status)))
+    headers.replaceOrAdd(name: "grpc-status", value: GRPCStatus(httpStatus: status).headerValue)
     if let body, body.readableBytes > 0 {
       let message = body.readableBytesView.prefix(limit)
       headers.replaceOrAdd(name: "grpc-message", value: GRPCProtocol.percentEncode(message))
@@ -370,24 +371,24 @@ public struct ResponseTranslator: Sendable {
     return Output(head: ResponseHead(status: status, headers: headers), end: .clean(trailers: trailers))
   }
 
-  private static func describe(_ failure: CallFailure) -> (Int, Int, String) {
+  private static func describe(_ failure: CallFailure) -> (Int, GRPCStatus, String) {
     switch failure {
     case .upstreamReset(let reason):
-      return (503, 14, "upstream connect error or disconnect/reset before headers. reset reason: \(reason)")
+      return (503, .unavailable, "upstream connect error or disconnect/reset before headers. reset reason: \(reason)")
     case .timeout(let message, let httpStatus):
       // 504 for a deadline (UNAVAILABLE, as Envoy maps it), 408 for an idle stream (UNKNOWN).
-      return (httpStatus, GRPCProtocol.status(forHTTPStatus: httpStatus), message)
+      return (httpStatus, GRPCStatus(httpStatus: httpStatus), message)
     case .responseFrameTooLarge(let length, let limit):
-      return (502, 8, "response message of \(length) bytes exceeds the proxy's text-mode limit of \(limit) bytes")
+      return (502, .resourceExhausted, "response message of \(length) bytes exceeds the proxy's text-mode limit of \(limit) bytes")
     case .truncatedResponse:
-      return (502, 13, "upstream response ended inside a message")
+      return (502, .internalError, "upstream response ended inside a message")
     case .noHealthyUpstream:
-      return (503, 14, "no healthy upstream")
+      return (503, .unavailable, "no healthy upstream")
     case .invalidRequestBody:
       // Envoy's grpc_web local reply, shaped for gRPC-Web (protocol doc L5).
-      return (400, 13, "Bad gRPC-web request, invalid base64 data.")
+      return (400, .internalError, "Bad gRPC-web request, invalid base64 data.")
     case .shuttingDown:
-      return (503, 14, "proxy shutting down")
+      return (503, .unavailable, "proxy shutting down")
     }
   }
 

@@ -61,7 +61,7 @@ public indirect enum AccessLogFilter: Sendable, Hashable {
   case statusCode(Comparison, Int)
   case duration(Comparison, Int)
   /// The listed gRPC statuses (numbers), or all others with `exclude`.
-  case grpcStatus(Set<Int>, exclude: Bool)
+  case grpcStatus(Set<GRPCStatus>, exclude: Bool)
   case notHealthCheck
   case and([AccessLogFilter])
   case or([AccessLogFilter])
@@ -192,10 +192,10 @@ extension Reader {
     }
     if let v = m.optional("grpc_status_filter") {
       let gm = try v.mapping()
-      var statuses = Set<Int>()
+      var statuses = Set<GRPCStatus>()
       for s in try gm.optional("statuses")?.sequence() ?? [] {
         let text = try s.string()
-        guard let code = GRPCStatusNames.code(text) else {
+        guard let code = GRPCStatus(name: text) else {
           throw s.error("unknown gRPC status '\(text)': OK, CANCELED, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED, NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED, RESOURCE_EXHAUSTED, FAILED_PRECONDITION, ABORTED, OUT_OF_RANGE, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS or UNAUTHENTICATED")
         }
         statuses.insert(code)
@@ -220,21 +220,6 @@ extension Reader {
       return .header(matcher)
     }
     throw node.error("access log filter: one of status_code_filter, duration_filter, grpc_status_filter, not_health_check_filter, and_filter, or_filter, header_filter is needed")
-  }
-}
-
-/// gRPC status names as Envoy's access log spells them (`CANCELED` with one L).
-public enum GRPCStatusNames {
-  public static let camel = ["OK", "Canceled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound", "AlreadyExists",
-    "PermissionDenied", "ResourceExhausted", "FailedPrecondition", "Aborted", "OutOfRange", "Unimplemented", "Internal",
-    "Unavailable", "DataLoss", "Unauthenticated"]
-  public static let snake = ["OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
-    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL",
-    "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"]
-
-  static func code(_ name: String) -> Int? {
-    if name == "CANCELED" { return 1 }
-    return Self.snake.firstIndex(of: name)
   }
 }
 

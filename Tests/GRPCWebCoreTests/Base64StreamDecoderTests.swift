@@ -1,5 +1,6 @@
 import GRPCWebCore
 import NIOCore
+import ProxyConfig
 import Testing
 
 @Suite struct Base64StreamDecoderTests {
@@ -135,7 +136,7 @@ import Testing
 
   @Test func mapsHTTPStatusLikeEnvoy() {
     let table = [400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14, 500: 2, 431: 2, 418: 2, 200: 2]
-    for (http, grpc) in table { #expect(GRPCProtocol.status(forHTTPStatus: http) == grpc, "\(http)") }
+    for (http, grpc) in table { #expect(GRPCStatus(httpStatus: http).rawValue == grpc, "\(http)") }
   }
 
   @Test func percentEncodesOnlyWhatItMust() {

@@ -1,6 +1,7 @@
 import GRPCWebCore
 import NIOCore
 import NIOHPACK
+import ProxyConfig
 import Testing
 
 @Suite struct CallKindTests {
@@ -148,7 +149,7 @@ import Testing
 
   @Test func nativeGRPCLocalReplyIsTrailersOnly() throws {
     var t = ResponseTranslator(kind: .grpc)
-    let out = t.localReply(httpStatus: 503, grpcStatus: 14, message: "no healthy upstream")
+    let out = t.localReply(httpStatus: 503, grpcStatus: .unavailable, message: "no healthy upstream")
     let head = try #require(out.head)
     #expect(head.status == 200)
     #expect(head.headers.first(name: "grpc-status") == "14")

@@ -1,8 +1,8 @@
 import Foundation
+import GRPCWebCore
 import NIOCore
 import NIOHPACK
 import NIOPosix
-import GRPCWebCore
 import ProxyConfig
 
 /// What one call's access log line can say, gathered by the call as it goes (only when the
@@ -14,7 +14,7 @@ final class CallLogRecord {
   var responseHeaders: HPACKHeaders?
   var trailers: HPACKHeaders?
   var responseCode: Int?
-  var grpcStatus: Int?
+  var grpcStatus: GRPCStatus?
   var flags: [String] = []
   var bytesReceived = 0
   var bytesSent = 0
@@ -100,7 +100,7 @@ struct AccessLogFormatter: Sendable {
       return compare(op, Int(((r.end ?? .now()) - r.start).nanoseconds / 1_000_000), ms)
     case .grpcStatus(let statuses, let exclude):
       // Envoy: a call with no status is UNKNOWN (2).
-      return statuses.contains(r.grpcStatus ?? 2) != exclude
+      return statuses.contains(r.grpcStatus ?? .unknown) != exclude
     case .notHealthCheck:
       return true
     case .and(let filters):
@@ -220,9 +220,9 @@ struct AccessLogFormatter: Sendable {
       guard let status = r.grpcStatus else { return nil }
       let style = name == "GRPC_STATUS_NUMBER" ? "NUMBER" : (argument ?? "CAMEL_STRING")
       switch style {
-      case "NUMBER": return String(status)
-      case "SNAKE_STRING": return status < GRPCStatusNames.snake.count ? GRPCStatusNames.snake[status] : String(status)
-      default: return status < GRPCStatusNames.camel.count ? GRPCStatusNames.camel[status] : String(status)
+      case "NUMBER": return status.headerValue
+      case "SNAKE_STRING": return status.snakeName
+      default: return status.camelName
       }
     case "DURATION": return ms(r.start, r.end)
     case "REQUEST_DURATION": return ms(r.start, r.requestEnd)

@@ -1,6 +1,6 @@
 import Foundation
-import ProxyConfig
 import NIOCore
+import ProxyConfig
 
 /// Envoy's latency histogram buckets, in milliseconds (its default `histogram_bucket_settings`).
 struct LatencyHistogram: Sendable {
@@ -374,16 +374,17 @@ final class MethodStatNames {
   private(set) lazy var failure = self.stats.counter(self.prefix + "failure")
   private let prefix: String
   private unowned let stats: LoopStats
-  private var byStatus: [Int: StatCounter] = [:]
+  private var byStatus: [GRPCStatus: StatCounter] = [:]
 
   init(stats: LoopStats, prefix: String) {
     self.stats = stats
     self.prefix = prefix
   }
 
-  func status(_ code: Int) -> StatCounter {
+  /// `<prefix><number>`, as Envoy names a gRPC status's counter.
+  func status(_ code: GRPCStatus) -> StatCounter {
     if let counter = self.byStatus[code] { return counter }
-    let counter = self.stats.counter(self.prefix + String(code))
+    let counter = self.stats.counter(self.prefix + code.headerValue)
     self.byStatus[code] = counter
     return counter
   }

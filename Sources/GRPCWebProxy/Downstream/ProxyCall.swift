@@ -128,7 +128,7 @@ final class ProxyCall: UpstreamStreamDelegate {
   private var upstreamStart: NIODeadline?
   private var upstreamHTTPStatus: Int?
   private var responseStatus: Int?
-  private var clientGRPCStatus: Int?
+  private var clientGRPCStatus: GRPCStatus?
   /// gRPC and gRPC-Web calls: the stats' bridge name ("grpc", "grpc-web") and the path.
   private var grpcMethod: (bridge: String, path: String)?
   /// The grpc_stats filter's stats for this call and its message counts, when the chain has the
@@ -239,7 +239,7 @@ final class ProxyCall: UpstreamStreamDelegate {
     case .directResponse(let status, let body) where kind.isGRPC && status != 200:
       // Envoy's grpc_web filter turns the reply into a gRPC status; the body becomes its message.
       let message = body.map { String(decoding: $0, as: UTF8.self) }
-      self.reject(self.translator.localReply(httpStatus: status, grpcStatus: GRPCProtocol.status(forHTTPStatus: status), message: message),
+      self.reject(self.translator.localReply(httpStatus: status, grpcStatus: GRPCStatus(httpStatus: status), message: message),
         endStream: endStream)
       return
     case .directResponse(let status, let body):
@@ -269,7 +269,7 @@ final class ProxyCall: UpstreamStreamDelegate {
         // Envoy's cluster_not_found_response_code: 503.
         self.runtime.logger.debug("cluster_header names no cluster", metadata: ["header": "\(header)"])
         self.log?.flag("NC")
-        self.reject(self.translator.localReply(httpStatus: 503, grpcStatus: 14, message: "cluster not found"), endStream: endStream)
+        self.reject(self.translator.localReply(httpStatus: 503, grpcStatus: .unavailable, message: "cluster not found"), endStream: endStream)
         return
       }
       clusterName = name
@@ -515,7 +515,7 @@ final class ProxyCall: UpstreamStreamDelegate {
     self.sentFrames = nil
     guard !self.translator.isFinished else { return }
     self.runtime.logger.debug("request headers refused for the backend", metadata: ["reason": "\(message)"])
-    self.apply(self.translator.localReply(httpStatus: 431, grpcStatus: 8, message: message))
+    self.apply(self.translator.localReply(httpStatus: 431, grpcStatus: .resourceExhausted, message: message))
   }
 
   /// The upstream stream closed. If the response has not ended, the stream was reset or its
@@ -597,14 +597,14 @@ final class ProxyCall: UpstreamStreamDelegate {
       if policy.retryOn.contains(.gatewayError) && (502...504).contains(status) { return status }
     }
     if policy.retryOn.contains(.retriableStatusCodes) && policy.retriableStatusCodes.contains(status) { return status }
-    guard endStream, let grpc = headers.first(name: "grpc-status").flatMap({ Int($0) }) else { return nil }
+    guard endStream, let grpc = headers.first(name: "grpc-status").flatMap({ GRPCStatus(headerValue: $0) }) else { return nil }
     let condition: Route.RetryPolicy.Condition?
     switch grpc {
-    case 1: condition = .cancelled
-    case 4: condition = .deadlineExceeded
-    case 8: condition = .resourceExhausted
-    case 13: condition = .internalError
-    case 14: condition = .unavailable
+    case .cancelled: condition = .cancelled
+    case .deadlineExceeded: condition = .deadlineExceeded
+    case .resourceExhausted: condition = .resourceExhausted
+    case .internalError: condition = .internalError
+    case .unavailable: condition = .unavailable
     default: condition = nil
     }
     guard let condition, policy.retryOn.contains(condition) else { return nil }
@@ -727,9 +727,9 @@ final class ProxyCall: UpstreamStreamDelegate {
     }
     if let head = output.head {
       self.responseStatus = head.status
-      if let status = head.headers.first(name: "grpc-status").flatMap({ Int($0) }) { self.clientGRPCStatus = status }
+      if let status = head.headers.first(name: "grpc-status").flatMap({ GRPCStatus(headerValue: $0) }) { self.clientGRPCStatus = status }
     }
-    if case .clean(let trailers?) = output.end, let status = trailers.first(name: "grpc-status").flatMap({ Int($0) }) {
+    if case .clean(let trailers?) = output.end, let status = trailers.first(name: "grpc-status").flatMap({ GRPCStatus(headerValue: $0) }) {
       self.clientGRPCStatus = status
     }
     if var head = output.head {
@@ -806,7 +806,7 @@ final class ProxyCall: UpstreamStreamDelegate {
       // With no grpc-status anywhere, the one a gRPC client derives from the HTTP status (as
       // Envoy's %GRPC_STATUS% does: 404 is UNIMPLEMENTED).
       log.grpcStatus = self.clientGRPCStatus ?? self.translator.bodyTrailerStatus
-        ?? self.responseStatus.map { GRPCProtocol.status(forHTTPStatus: $0) }
+        ?? self.responseStatus.map { GRPCStatus(httpStatus: $0) }
       self.runtime.accessLog?.log(log)
       if let span = self.trace?.span, let tracer = self.runtime.tracer {
         let message = log.responseHeaders?.first(name: "grpc-message") ?? log.trailers?.first(name: "grpc-message")
@@ -832,13 +832,13 @@ final class ProxyCall: UpstreamStreamDelegate {
     if let (bridge, path) = self.grpcMethod, let status = self.clientGRPCStatus ?? self.translator.bodyTrailerStatus {
       let method = stats.names.method(cluster: self.clusterName, path: path, bridge: bridge)
       method.total.add()
-      (status == 0 ? method.success : method.failure).add()
+      (status == .ok ? method.success : method.failure).add()
       method.status(status).add()
     }
     if let names = self.grpcStatsNames {
       if let status = self.clientGRPCStatus ?? self.translator.bodyTrailerStatus {
         names.total.add()
-        (status == 0 ? names.success : names.failure).add()
+        (status == .ok ? names.success : names.failure).add()
         names.status(status).add()
       }
       if let start = self.upstreamStart, self.runtime.listener.grpcStats?.upstreamStats == true {

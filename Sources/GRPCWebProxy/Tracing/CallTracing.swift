@@ -147,6 +147,11 @@ final class ListenerTracer: Sendable {
   /// Beyond Envoy: the gRPC status is the one the client received, for gRPC-Web calls too
   /// (Envoy's span has none when the status came in trailers, which its grpc_web filter moved
   /// into the body, so a failed gRPC-Web call is not marked as an error there).
+  /// Envoy's rule: an error is a 5xx, or a gRPC status that stands for one (UNKNOWN, DEADLINE_
+  /// EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS); NOT_FOUND or UNAUTHENTICATED are
+  /// answers, not failures of the call path.
+  static let errorStatuses: Set<GRPCStatus> = [.unknown, .deadlineExceeded, .unimplemented, .internalError, .unavailable, .dataLoss]
+
   func finish(_ span: any Span, record: CallLogRecord, grpcMessage: String?) {
     let request = record.requestHeaders
     let path = request.first(name: ":path") ?? "/"
@@ -157,10 +162,7 @@ final class ListenerTracer: Sendable {
     let code = record.responseCode
     let grpcStatus = record.grpcStatus
     let isGRPC = (request.first(name: "content-type") ?? "").hasPrefix("application/grpc")
-    // Envoy's rule: an error is a 5xx, or a gRPC status that stands for one (UNKNOWN, DEADLINE_
-    // EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS); NOT_FOUND or UNAUTHENTICATED
-    // are answers, not failures of the call path.
-    let error = code == nil || code! >= 500 || (isGRPC && grpcStatus.map { [2, 4, 12, 13, 14, 15].contains($0) } == true)
+    let error = code == nil || code! >= 500 || (isGRPC && grpcStatus.map { Self.errorStatuses.contains($0) } == true)
     let protocolName = record.connection?.protocolName ?? "HTTP/1.1"
     span.updateAttributes { attributes in
       attributes["component"] = "proxy"
@@ -200,8 +202,8 @@ final class ListenerTracer: Sendable {
           attributes["rpc.method"] = String(parts[2])
         }
         if let grpcStatus {
-          attributes["grpc.status_code"] = String(grpcStatus)
-          attributes["rpc.grpc.status_code"] = grpcStatus
+          attributes["grpc.status_code"] = grpcStatus.headerValue
+          attributes["rpc.grpc.status_code"] = grpcStatus.rawValue
           attributes["grpc.message"] = grpcMessage ?? ""
         }
       }
