@@ -354,6 +354,29 @@ struct Reader {
     return listener
   }
 
+  /// The connection manager's `http2_protocol_options`, within Envoy's bounds for each field.
+  func http2Options(_ value: YAMLValue) throws(ConfigError) -> HTTP2Options {
+    var options = HTTP2Options()
+    let m = try value.mapping()
+    func read(_ key: String, from low: Int, _ what: String) throws(ConfigError) -> Int? {
+      guard let v = m.optional(key) else { return nil }
+      let n = try v.int()
+      guard n >= low && n <= 2_147_483_647 else { throw v.error("\(key) must be from \(low) to 2147483647 (\(what)), found \(n)") }
+      return n
+    }
+    if let n = try read("initial_stream_window_size", from: 65_535, "bytes") { options.initialStreamWindow = n }
+    if let n = try read("initial_connection_window_size", from: 65_535, "bytes") { options.initialConnectionWindow = n }
+    if let n = try read("max_concurrent_streams", from: 1, "streams") { options.maxConcurrentStreams = n }
+    // What Envoy's codec tunes beyond these has no counterpart here that changes behaviour.
+    try m.finish(known: ["hpack_table_size", "allow_connect", "allow_metadata", "max_outbound_frames",
+      "max_outbound_control_frames", "max_consecutive_inbound_frames_with_empty_payload",
+      "max_inbound_priority_frames_per_stream", "max_inbound_window_update_frames_per_data_frame_sent",
+      "stream_error_on_invalid_http_messaging", "override_stream_error_on_invalid_http_message",
+      "connection_keepalive", "custom_settings_parameters", "use_oghttp2_codec", "max_metadata_size"],
+      warnings: self.sink)
+    return options
+  }
+
   func httpConnectionManager(
     _ m: YAMLMapping,
     name: String,
@@ -362,7 +385,7 @@ struct Reader {
   ) throws(ConfigError) -> Listener {
     let accessLogs = try m.optional("access_log").map { v throws(ConfigError) in try self.accessLogs(v) } ?? []
     m.accept("@type", "stat_prefix", "use_remote_address", "xff_num_trusted_hops", "generate_request_id",
-      "server_name", "http_protocol_options", "http2_protocol_options",
+      "server_name", "http_protocol_options",
       "request_timeout", "upgrade_configs", "normalize_path", "merge_slashes",
       "skip_xff_append", "via", "forward_client_cert_details", "set_current_client_cert_details")
     let tracing = try m.optional("tracing").flatMap { v throws(ConfigError) in try self.tracing(v, clusters: clusters) }
@@ -446,6 +469,7 @@ struct Reader {
     )
     if let streamIdle, !streamIdle.isZero { listener.streamIdleTimeout = streamIdle }
     listener.headerLimits = limits
+    if let h2 = m.optional("http2_protocol_options") { listener.http2 = try self.http2Options(h2) }
     listener.idleTimeout = idleTimeout
     if let headersTimeout, !headersTimeout.isZero { listener.requestHeadersTimeout = headersTimeout }
     // Required by Envoy; without one the stats are named after the listener.

@@ -115,6 +115,13 @@ public struct Listener: Sendable, Hashable {
   /// a call's request or response the proxy holds for a side that is not reading before it stops
   /// reading the other side.
   public var bufferLimit = 1 << 20
+  /// The connection manager's `http2_protocol_options`: the receive windows the proxy grants an
+  /// HTTP/2 client (`initial_stream_window_size`, `initial_connection_window_size`) and the
+  /// streams it may open at once (`max_concurrent_streams`). A client may send a stream's window
+  /// of request body before the proxy has passed any of it on, so the window is memory the
+  /// proxy may have to hold per stream: 1 MiB by default here (Envoy's default is 256 MiB,
+  /// which is what let its clients send 40 MiB to a backend that was not reading).
+  public var http2 = HTTP2Options()
   /// `common_http_protocol_options.idle_timeout`: a client connection with no call in progress
   /// for this long is closed (HTTP/2 with a GOAWAY first). Envoy's default is 1 hour; nil is
   /// never (a zero in the config).
@@ -150,6 +157,14 @@ public struct Listener: Sendable, Hashable {
     self.corsEnabled = corsEnabled
     self.statPrefix = name
   }
+}
+
+public struct HTTP2Options: Sendable, Hashable {
+  public var initialStreamWindow = 1 << 20
+  public var initialConnectionWindow = 8 << 20
+  public var maxConcurrentStreams = 1000
+
+  public init() {}
 }
 
 public struct HeaderLimits: Sendable, Hashable {

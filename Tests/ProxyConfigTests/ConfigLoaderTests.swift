@@ -97,6 +97,29 @@ let sharedAvailable = FileManager.default.fileExists(atPath: sharedDirectory.app
     }
   }
 
+  @Test func theClientsHTTP2WindowsAreReadWithinEnvoysBounds() throws {
+    let plain = try ConfigLoader.load(yaml: Self.minimal(connectTimeout: "1s")).configuration
+    #expect(plain.listeners[0].http2 == HTTP2Options())
+    let yaml = Self.minimal(connectTimeout: "1s").replacingOccurrences(
+      of: "          stat_prefix: x\n",
+      with: "          stat_prefix: x\n          http2_protocol_options: { initial_stream_window_size: 16777216, initial_connection_window_size: 33554432, max_concurrent_streams: 50, hpack_table_size: 4096 }\n")
+    let set = try ConfigLoader.load(yaml: yaml).configuration
+    #expect(set.listeners[0].http2.initialStreamWindow == 16 << 20)
+    #expect(set.listeners[0].http2.initialConnectionWindow == 32 << 20)
+    #expect(set.listeners[0].http2.maxConcurrentStreams == 50)
+    let small = Self.minimal(connectTimeout: "1s").replacingOccurrences(
+      of: "          stat_prefix: x\n",
+      with: "          stat_prefix: x\n          http2_protocol_options:\n            initial_stream_window_size: 1000\n")
+    do {
+      _ = try ConfigLoader.load(yaml: small)
+      Issue.record("expected an error")
+    } catch {
+      #expect(error.path.hasSuffix("initial_stream_window_size"))
+      #expect(error.line == 13)
+      #expect(error.description.contains("from 65535 to 2147483647"))
+    }
+  }
+
   @Test func connectionTimersAndLimitsDefaultToEnvoysAndAreRead() throws {
     let plain = try ConfigLoader.load(yaml: Self.minimal(connectTimeout: "1s")).configuration
     #expect(plain.listeners[0].idleTimeout == .seconds(3600))

@@ -86,3 +86,109 @@ def test_an_http1_upload_stops_being_read_when_the_backend_does_not_take_it():
     finally:
         p.stop()
         backend.close()
+
+
+def send_before_reading(port, messages, seconds):
+    """A native gRPC bidi stream whose client sends its whole body before it reads any of the
+    echoes: it gives the response no window beyond HTTP/2's first 64 KiB. Returns the
+    connection, the bytes sent and the bytes there were to send."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.settimeout(0.2)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    sock.sendall(conn.data_to_send())
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", "x"),
+                            (":path", "/demo.Echo/BidiStream"), ("content-type", "application/grpc"), ("te", "trailers")])
+    body = b"".join(frame(echo_req("m" * 32768)) for _ in range(messages))
+    sent, held = 0, []
+    deadline = time.monotonic() + seconds
+    while sent < len(body) and time.monotonic() < deadline:
+        window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+        if window > 0:
+            chunk = body[sent:sent + window]
+            sent += len(chunk)
+            conn.send_data(sid, chunk, end_stream=sent == len(body))
+            sock.sendall(conn.data_to_send())
+            continue
+        try:
+            data = sock.recv(1 << 20)
+        except socket.timeout:
+            continue
+        if not data:
+            break
+        for event in conn.receive_data(data):  # window updates; response data is not acknowledged
+            if isinstance(event, h2.events.DataReceived):
+                held.append(event)
+        sock.sendall(conn.data_to_send())
+    return sock, conn, sid, sent, len(body), held
+
+
+def read_all(sock, conn, held, seconds=30):
+    """Reads the response, now giving it all the window it can use; returns (body, trailers)."""
+    body, trailers = bytearray(), {}
+    for event in held:
+        body += event.data
+    sid = held[0].stream_id if held else 1
+    conn.increment_flow_control_window(1 << 30)
+    conn.increment_flow_control_window(1 << 30, sid)
+    sock.sendall(conn.data_to_send())
+    sock.settimeout(0.5)
+    deadline = time.monotonic() + seconds
+    ended = False
+    while not ended and time.monotonic() < deadline:
+        try:
+            data = sock.recv(1 << 20)
+        except socket.timeout:
+            continue
+        if not data:
+            break
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.DataReceived):
+                body += event.data
+            elif isinstance(event, h2.events.TrailersReceived):
+                trailers = dict(event.headers)
+            if isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                ended = True
+        sock.sendall(conn.data_to_send())
+    return bytes(body), trailers
+
+
+def test_a_client_that_sends_its_whole_body_before_reading(replicas):
+    """An HTTP/2 client may send a stream's whole window of request body before the proxy has
+    passed any of it on: that window is what the proxy may have to hold for it. By default it is
+    1 MiB (Envoy's is 256 MiB), so a client that sends 8 MiB before reading a bidi stream's echoes
+    stalls, with the proxy's memory bounded; an operator who wants Envoy's behaviour sets
+    `http2_protocol_options.initial_stream_window_size`, and then the same client completes with
+    every echo."""
+    messages = 256  # 8 MiB of request in 32 KiB messages, each echoed back
+    bounded = free_port()
+    p = start_proxy(config(bounded, {"users": [r.port for r in replicas]}, ROUTES, cors=False), bounded)
+    try:
+        sock, _, _, sent, total, _ = send_before_reading(bounded, messages, seconds=4)
+        sock.close()
+        print(f"default window: the client sent {sent / MIB:.1f} MiB of {total / MIB:.1f} before stalling")
+        assert sent < total, "with the default 1 MiB window the proxy does not take 8 MiB it cannot pass on"
+    finally:
+        p.stop()
+
+    wide = free_port()
+    text = config(wide, {"users": [r.port for r in replicas]}, ROUTES, cors=False)
+    extra = "\n          http2_protocol_options: { initial_stream_window_size: 16777216, initial_connection_window_size: 33554432 }"
+    text = text.replace("codec_type: AUTO", "codec_type: AUTO" + extra, 1)
+    assert extra in text
+    p = start_proxy(text, wide)
+    try:
+        sock, conn, _, sent, total, held = send_before_reading(wide, messages, seconds=10)
+        assert sent == total, f"the client could send only {sent / MIB:.1f} MiB of {total / MIB:.1f}"
+        body, trailers = read_all(sock, conn, held)
+        sock.close()
+        echoes = 0
+        i = 0
+        while i + 5 <= len(body):
+            length = int.from_bytes(body[i + 1:i + 5], "big")
+            i += 5 + length
+            echoes += 1
+        assert (echoes, trailers.get("grpc-status")) == (messages, "0"), (echoes, trailers)
+    finally:
+        p.stop()

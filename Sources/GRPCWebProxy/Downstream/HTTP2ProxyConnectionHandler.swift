@@ -14,8 +14,10 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   typealias InboundIn = HTTP2Frame
   typealias OutboundOut = HTTP2Frame
 
-  static let streamWindow = 1 << 20
-  static let connectionWindow = 8 << 20
+  /// The receive windows granted to the client (the connection manager's
+  /// `http2_protocol_options`).
+  private var streamWindow: Int { self.runtime.listener.http2.initialStreamWindow }
+  private var connectionWindow: Int { self.runtime.listener.http2.initialConnectionWindow }
 
   private let runtime: ListenerRuntime
   private var streams: [HTTP2StreamID: HTTP2DownstreamStream] = [:]
@@ -43,12 +45,12 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   /// twice the listener's limit and room for HPACK's 32 bytes a header: a request between the
   /// limit and that gets 431 on its own stream (ProxyCall), the connection carries on; beyond
   /// it the decoder stops reading, so memory stays bounded.
-  static func http2Handler(limits: HeaderLimits) -> NIOHTTP2Handler {
+  static func http2Handler(limits: HeaderLimits, options: HTTP2Options) -> NIOHTTP2Handler {
     var configuration = NIOHTTP2Handler.ConnectionConfiguration()
     let decoderLimit = min(2 * limits.maxBytes + 32 * min(limits.maxCount, 10_000), Int(UInt32.max))
     configuration.initialSettings = [
-      HTTP2Setting(parameter: .maxConcurrentStreams, value: 1000),
-      HTTP2Setting(parameter: .initialWindowSize, value: Self.streamWindow),
+      HTTP2Setting(parameter: .maxConcurrentStreams, value: options.maxConcurrentStreams),
+      HTTP2Setting(parameter: .initialWindowSize, value: options.initialStreamWindow),
       HTTP2Setting(parameter: .maxHeaderListSize, value: decoderLimit),
     ]
     // A block that size arrives as HEADERS and CONTINUATION frames of 16 KiB each.
@@ -139,7 +141,7 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
     // Window changes first: NIOHTTP2 reports one for nearly every DATA frame.
     if let window = event as? NIOHTTP2WindowUpdatedEvent {
-      if window.streamID == .rootStream, let inbound = window.inboundWindowSize, inbound <= Self.connectionWindow / 2 {
+      if window.streamID == .rootStream, let inbound = window.inboundWindowSize, inbound <= self.connectionWindow / 2 {
         self.raiseConnectionWindow(context: context, from: inbound)
       }
     } else if let closed = event as? StreamClosedEvent {
@@ -211,7 +213,7 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
 
   fileprivate func returnWindow(_ stream: HTTP2DownstreamStream, force: Bool = false) {
     guard !stream.readingPaused, !stream.requestEnded, stream.owed > 0,
-      force || stream.owed >= Self.streamWindow / 2
+      force || stream.owed >= self.streamWindow / 2
     else { return }
     self.write(HTTP2Frame(streamID: stream.id, payload: .windowUpdate(windowSizeIncrement: stream.owed)))
     stream.owed = 0
@@ -261,7 +263,7 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   }
 
   private func raiseConnectionWindow(context: ChannelHandlerContext, from current: Int) {
-    let increment = Self.connectionWindow - current
+    let increment = self.connectionWindow - current
     guard increment > 0 else { return }
     context.write(self.wrapOutboundOut(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: increment))), promise: nil)
     self.scheduleFlush()
