@@ -422,7 +422,7 @@ public final class ProxyServer: Service {
   static func configureHTTP2(
     _ pipeline: ChannelPipeline.SynchronousOperations, runtime: ListenerRuntime, tls: TLSSessionInfo? = nil
   ) throws {
-    try pipeline.addHandler(HTTP2ProxyConnectionHandler.http2Handler(limits: runtime.listener.headerLimits, options: runtime.listener.http2))
+    try pipeline.addHandler(HTTP2ProxyConnectionHandler.http2Handler(limits: runtime.listener.headerLimits, options: runtime.listener.http2, allocator: ByteBufferAllocator()))
     try pipeline.addHandler(HTTP2ProxyConnectionHandler(runtime: runtime, tls: tls))
   }
 

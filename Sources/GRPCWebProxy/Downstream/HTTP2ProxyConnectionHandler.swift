@@ -1,3 +1,4 @@
+import CNGHTTP2
 import GRPCWebCore
 import NIOCore
 import NIOHPACK
@@ -34,6 +35,13 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
 
   private let tls: TLSSessionInfo?
 
+  /// The HTTP/2 codec towards clients: NIOHTTP2, or nghttp2 when the environment variable
+  /// GRPC_WEB_PROXY_DOWNSTREAM_CODEC says `nghttp2`.
+  static let usesNGHTTP2: Bool = {
+    guard let value = getenv("GRPC_WEB_PROXY_DOWNSTREAM_CODEC") else { return false }
+    return String(cString: value) == "nghttp2"
+  }()
+
   init(runtime: ListenerRuntime, tls: TLSSessionInfo? = nil) {
     self.tls = tls
     self.runtime = runtime
@@ -45,9 +53,19 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   /// twice the listener's limit and room for HPACK's 32 bytes a header: a request between the
   /// limit and that gets 431 on its own stream (ProxyCall), the connection carries on; beyond
   /// it the decoder stops reading, so memory stays bounded.
-  static func http2Handler(limits: HeaderLimits, options: HTTP2Options) -> NIOHTTP2Handler {
-    var configuration = NIOHTTP2Handler.ConnectionConfiguration()
+  static func http2Handler(limits: HeaderLimits, options: HTTP2Options, allocator: ByteBufferAllocator) -> any ChannelHandler {
     let decoderLimit = min(2 * limits.maxBytes + 32 * min(limits.maxCount, 10_000), Int(UInt32.max))
+    if Self.usesNGHTTP2 {
+      // Over the limit, nghttp2 resets the stream rather than the connection.
+      let settings = [
+        nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS.rawValue), value: UInt32(options.maxConcurrentStreams)),
+        nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE.rawValue), value: UInt32(options.initialStreamWindow)),
+        nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE.rawValue), value: UInt32(decoderLimit)),
+      ]
+      return NGHTTP2Handler(mode: .server, initialSettings: settings, connectionWindow: options.initialConnectionWindow,
+        maxHeaderBlock: decoderLimit, allocator: allocator)
+    }
+    var configuration = NIOHTTP2Handler.ConnectionConfiguration()
     configuration.initialSettings = [
       HTTP2Setting(parameter: .maxConcurrentStreams, value: options.maxConcurrentStreams),
       HTTP2Setting(parameter: .initialWindowSize, value: options.initialStreamWindow),

@@ -105,7 +105,7 @@ final class UpstreamConnection {
     return configuration
   }()
 
-  /// The HTTP/2 codec towards backends: nghttp2 (NGHTTP2ClientHandler), unless the environment
+  /// The HTTP/2 codec towards backends: nghttp2 (NGHTTP2Handler), unless the environment
   /// variable GRPC_WEB_PROXY_UPSTREAM_CODEC says `niohttp2`. On the reference benchmark nghttp2
   /// did 1.2 to 1.6 times the work per CPU-second of NIOHTTP2 here, and it can send a header
   /// block larger than one frame.
@@ -264,7 +264,7 @@ final class UpstreamConnection {
           }
           if UpstreamConnection.usesNGHTTP2 {
             try channel.pipeline.syncOperations.addHandler(
-              NGHTTP2ClientHandler(initialSettings: UpstreamConnection.nghttp2Settings, connectionWindow: UpstreamConnection.connectionWindow,
+              NGHTTP2Handler(initialSettings: UpstreamConnection.nghttp2Settings, connectionWindow: UpstreamConnection.connectionWindow,
                 allocator: channel.allocator))
           } else {
             try channel.pipeline.syncOperations.addHandler(

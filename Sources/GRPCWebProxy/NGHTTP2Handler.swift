@@ -3,21 +3,22 @@ import NIOCore
 import NIOHPACK
 import NIOHTTP2
 
-/// The HTTP/2 client codec of an upstream connection, driven by nghttp2 instead of NIOHTTP2.
+/// An HTTP/2 codec driven by nghttp2 instead of NIOHTTP2: the client side of upstream
+/// connections, and (where chosen) the server side of clients' connections.
 ///
 /// It sits where `NIOHTTP2Handler` would (bytes below, `HTTP2Frame`s above) and speaks the same
-/// frames and events to `UpstreamFrameHandler`, so `UpstreamConnection` keeps its logic whichever
-/// codec runs. What nghttp2 brings to this side:
-/// - response DATA is handed up as slices of the buffer the socket read into: no byte is copied
+/// frames and events to the handler above it (`UpstreamFrameHandler`,
+/// `HTTP2ProxyConnectionHandler`), so their logic stays whichever codec runs. What nghttp2 brings:
+/// - received DATA is handed up as slices of the buffer the socket read into: no byte is copied
 ///   on the way in (NIOHTTP2 copies every received byte once into its own buffer);
-/// - request DATA goes out from the call's own buffers (`NGHTTP2_DATA_FLAG_NO_COPY`);
+/// - DATA goes out from the call's own buffers (`NGHTTP2_DATA_FLAG_NO_COPY`);
 /// - header blocks larger than one frame go out with CONTINUATION frames, which NIOHTTP2 cannot
 ///   send.
 ///
-/// Flow control: the connection window (16 MiB) is returned as data arrives, since the calls'
-/// own backpressure is per stream; a stream's window is returned only when `UpstreamConnection`
-/// writes a WINDOW_UPDATE for it, which it holds back while that call's client is not reading.
-final class NGHTTP2ClientHandler: ChannelDuplexHandler {
+/// Flow control: the connection window is returned as data arrives, since the calls' own
+/// backpressure is per stream; a stream's window is returned only when the handler above writes
+/// a WINDOW_UPDATE for it, which it holds back while the call's other side is not reading.
+final class NGHTTP2Handler: ChannelDuplexHandler {
   typealias InboundIn = ByteBuffer
   typealias InboundOut = HTTP2Frame
   typealias OutboundIn = HTTP2Frame
@@ -30,16 +31,25 @@ final class NGHTTP2ClientHandler: ChannelDuplexHandler {
 
   struct StreamGone: Error {}
 
+  enum Mode { case client, server }
+
   /// One request body's queue: what the call wrote and nghttp2 has not sent yet.
   fileprivate final class OutboundQueue {
     var buffers = CircularBuffer<(ByteBuffer, EventLoopPromise<Void>?)>(initialCapacity: 2)
     var ended = false
+    /// A response's trailers, sent once its DATA is (server side).
+    var trailers: HPACKHeaders?
     /// nghttp2 asked for data and was told to wait (NGHTTP2_ERR_DEFERRED).
     var deferred = false
   }
 
+  private let mode: Mode
   private let initialSettings: [nghttp2_settings_entry]
   private let connectionWindow: Int
+  /// A request header block above this (name and value bytes, and 32 a header) resets its
+  /// stream (server side): what the decoder holds stays bounded.
+  private let maxHeaderBlock: Int
+  private var headerBlockSize = 0
   private var session: OpaquePointer?
   private var context: ChannelHandlerContext?
   private var outbound: [Int32: OutboundQueue] = [:]
@@ -57,7 +67,10 @@ final class NGHTTP2ClientHandler: ChannelDuplexHandler {
   private var busy = false
   private var sendWanted = false
 
-  init(initialSettings: [nghttp2_settings_entry], connectionWindow: Int, allocator: ByteBufferAllocator) {
+  init(mode: Mode = .client, initialSettings: [nghttp2_settings_entry], connectionWindow: Int, maxHeaderBlock: Int = .max,
+    allocator: ByteBufferAllocator) {
+    self.mode = mode
+    self.maxHeaderBlock = maxHeaderBlock
     self.initialSettings = initialSettings
     self.connectionWindow = connectionWindow
     self.pending = allocator.buffer(capacity: 1024)
@@ -89,12 +102,18 @@ final class NGHTTP2ClientHandler: ChannelDuplexHandler {
     // A request's header block is bounded by the listener's max_request_headers_kb (at most
     // 8 MiB in Envoy's schema); nghttp2's own default of 64 KiB would refuse some it allows.
     nghttp2_option_set_max_send_header_block_length(option, 16 << 20)
-    // The backend's pings and settings over a long-lived connection are not a flood.
-    nghttp2_option_set_max_outbound_ack(option, 1 << 20)
+    if self.mode == .client {
+      // The backend's pings and settings over a long-lived connection are not a flood. A
+      // client's are: nghttp2's own bound (1000 acknowledgements queued) stays.
+      nghttp2_option_set_max_outbound_ack(option, 1 << 20)
+    }
 
     var session: OpaquePointer?
     let user = Unmanaged.passUnretained(self).toOpaque()
-    guard nghttp2_session_client_new2(&session, callbacks, user, option) == 0, let session else {
+    let created = self.mode == .client
+      ? nghttp2_session_client_new2(&session, callbacks, user, option)
+      : nghttp2_session_server_new2(&session, callbacks, user, option)
+    guard created == 0, let session else {
       context.fireErrorCaught(ProtocolError(code: NGHTTP2_ERR_NOMEM.rawValue))
       return
     }
@@ -193,12 +212,20 @@ final class NGHTTP2ClientHandler: ChannelDuplexHandler {
 
   fileprivate func beginHeaders() {
     self.headerBlock = HPACKHeaders()
+    self.headerBlockSize = 0
   }
 
-  fileprivate func header(name: UnsafePointer<UInt8>, _ nameLength: Int, value: UnsafePointer<UInt8>, _ valueLength: Int) {
+  /// Whether the header is taken; false resets its stream (a block over the limit).
+  fileprivate func header(name: UnsafePointer<UInt8>, _ nameLength: Int, value: UnsafePointer<UInt8>, _ valueLength: Int) -> Bool {
+    self.headerBlockSize += nameLength + valueLength + 32
+    guard self.headerBlockSize <= self.maxHeaderBlock else {
+      self.headerBlock = HPACKHeaders()
+      return false
+    }
     self.headerBlock.add(
       name: String(decoding: UnsafeBufferPointer(start: name, count: nameLength), as: UTF8.self),
       value: String(decoding: UnsafeBufferPointer(start: value, count: valueLength), as: UTF8.self))
+    return true
   }
 
   fileprivate func frameReceived(_ frame: UnsafePointer<nghttp2_frame>) {
@@ -269,7 +296,12 @@ final class NGHTTP2ClientHandler: ChannelDuplexHandler {
     let id = Int32(frame.streamID)
     switch frame.payload {
     case .headers(let headers):
-      self.submitRequest(session, id: id, headers: headers.headers, endStream: headers.endStream, promise: promise)
+      switch self.mode {
+      case .client:
+        self.submitRequest(session, id: id, headers: headers.headers, endStream: headers.endStream, promise: promise)
+      case .server:
+        self.submitResponseHeaders(session, id: id, headers: headers.headers, endStream: headers.endStream, promise: promise)
+      }
     case .data(let data):
       guard case .byteBuffer(let buffer) = data.data, let queue = self.outbound[id], !queue.ended else {
         promise?.fail(StreamGone())
@@ -283,22 +315,23 @@ final class NGHTTP2ClientHandler: ChannelDuplexHandler {
       }
     case .rstStream(let code):
       nghttp2_submit_rst_stream(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), id, UInt32(code.networkCode))
-      promise?.succeed()
+      self.succeedAfterSend(promise)
     case .windowUpdate(let increment):
       // The connection's window is returned here as data arrives (see dataChunk).
       if id != 0 { nghttp2_session_consume_stream(session, id, increment) }
-      promise?.succeed()
+      self.succeedAfterSend(promise)
     case .ping(let data, let ack):
       var bytes = data.bytes
       _ = withUnsafeBytes(of: &bytes) { raw in
         nghttp2_submit_ping(session, UInt8(ack ? NGHTTP2_FLAG_ACK.rawValue : NGHTTP2_FLAG_NONE.rawValue), raw.baseAddress!.assumingMemoryBound(to: UInt8.self))
       }
-      promise?.succeed()
-    case .goAway(_, let code, _):
-      nghttp2_submit_goaway(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), nghttp2_session_get_last_proc_stream_id(session), UInt32(code.networkCode), nil, 0)
-      promise?.succeed()
+      self.succeedAfterSend(promise)
+    case .goAway(let last, let code, _):
+      let lastStream = self.mode == .server ? Int32(last) : nghttp2_session_get_last_proc_stream_id(session)
+      nghttp2_submit_goaway(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), lastStream, UInt32(code.networkCode), nil, 0)
+      self.succeedAfterSend(promise)
     default:
-      promise?.succeed()
+      self.succeedAfterSend(promise)
     }
   }
 
@@ -310,12 +343,8 @@ final class NGHTTP2ClientHandler: ChannelDuplexHandler {
   private var scratch: [UInt8] = []
   private var spans: [(Int, Int, Int, Int, UInt8)] = []
 
-  private func submitRequest(_ session: OpaquePointer, id: Int32, headers: HPACKHeaders, endStream: Bool, promise: EventLoopPromise<Void>?) {
-    // Stream IDs are chosen by UpstreamConnection, in the order it writes their HEADERS.
-    guard nghttp2_session_set_next_stream_id(session, id) == 0 else {
-      promise?.fail(StreamGone())
-      return
-    }
+  /// Calls `body` with the headers as nghttp2's name-value array (nghttp2 copies them).
+  private func withNameValues<R>(_ headers: HPACKHeaders, _ body: (UnsafeMutablePointer<nghttp2_nv>?, Int) -> R) -> R {
     self.scratch.removeAll(keepingCapacity: true)
     self.spans.removeAll(keepingCapacity: true)
     for (name, value, indexing) in headers {
@@ -326,33 +355,88 @@ final class NGHTTP2ClientHandler: ChannelDuplexHandler {
       let flags = indexing == .neverIndexed ? UInt8(NGHTTP2_NV_FLAG_NO_INDEX.rawValue) : UInt8(NGHTTP2_NV_FLAG_NONE.rawValue)
       self.spans.append((nameStart, valueStart - nameStart, valueStart, self.scratch.count - valueStart, flags))
     }
-    let queue: OutboundQueue? = endStream ? nil : OutboundQueue()
-    let submitted: Int32 = self.scratch.withUnsafeMutableBufferPointer { bytes in
+    let spans = self.spans
+    return self.scratch.withUnsafeMutableBufferPointer { bytes in
       let base = bytes.baseAddress ?? UnsafeMutablePointer<UInt8>(bitPattern: 1)!
-      return withUnsafeTemporaryAllocation(of: nghttp2_nv.self, capacity: max(self.spans.count, 1)) { nva in
-        for (i, span) in self.spans.enumerated() {
+      return withUnsafeTemporaryAllocation(of: nghttp2_nv.self, capacity: max(spans.count, 1)) { nva in
+        for (i, span) in spans.enumerated() {
           nva[i] = nghttp2_nv(name: base + span.0, value: base + span.2, namelen: span.1, valuelen: span.3, flags: span.4)
         }
-        if let queue {
-          var provider = nghttp2_data_provider(
-            source: nghttp2_data_source(ptr: Unmanaged.passUnretained(queue).toOpaque()), read_callback: readCallback)
-          return nghttp2_submit_request(session, nil, nva.baseAddress, self.spans.count, &provider, nil)
-        }
-        return nghttp2_submit_request(session, nil, nva.baseAddress, self.spans.count, nil, nil)
+        return body(nva.baseAddress, spans.count)
       }
+    }
+  }
+
+  private func submitRequest(_ session: OpaquePointer, id: Int32, headers: HPACKHeaders, endStream: Bool, promise: EventLoopPromise<Void>?) {
+    // Stream IDs are chosen by UpstreamConnection, in the order it writes their HEADERS.
+    guard nghttp2_session_set_next_stream_id(session, id) == 0 else {
+      promise?.fail(StreamGone())
+      return
+    }
+    let queue: OutboundQueue? = endStream ? nil : OutboundQueue()
+    let submitted: Int32 = self.withNameValues(headers) { nva, count in
+      if let queue {
+        var provider = nghttp2_data_provider(
+          source: nghttp2_data_source(ptr: Unmanaged.passUnretained(queue).toOpaque()), read_callback: readCallback)
+        return nghttp2_submit_request(session, nil, nva, count, &provider, nil)
+      }
+      return nghttp2_submit_request(session, nil, nva, count, nil, nil)
     }
     guard submitted == id else {
       promise?.fail(StreamGone())
       return
     }
     if let queue { self.outbound[id] = queue }
-    promise?.succeed()
+    self.succeedAfterSend(promise)
   }
 
-  fileprivate func read(_ queue: OutboundQueue, length: Int, flags: UnsafeMutablePointer<UInt32>) -> Int {
+  /// A response's HEADERS, or its trailers once the response has begun.
+  private func submitResponseHeaders(_ session: OpaquePointer, id: Int32, headers: HPACKHeaders, endStream: Bool, promise: EventLoopPromise<Void>?) {
+    if let queue = self.outbound[id] {
+      // Trailers: they follow the DATA still queued (nghttp2 sends them from the read callback).
+      guard !queue.ended else {
+        promise?.fail(StreamGone())
+        return
+      }
+      queue.trailers = headers
+      queue.ended = true
+      if queue.deferred {
+        queue.deferred = false
+        nghttp2_session_resume_data(session, id)
+      }
+      self.succeedAfterSend(promise)
+      return
+    }
+    let queue: OutboundQueue? = endStream ? nil : OutboundQueue()
+    let result: Int32 = self.withNameValues(headers) { nva, count in
+      if let queue {
+        var provider = nghttp2_data_provider(
+          source: nghttp2_data_source(ptr: Unmanaged.passUnretained(queue).toOpaque()), read_callback: readCallback)
+        return nghttp2_submit_response(session, id, nva, count, &provider)
+      }
+      return nghttp2_submit_response(session, id, nva, count, nil)
+    }
+    guard result == 0 else {
+      promise?.fail(StreamGone())
+      return
+    }
+    if let queue { self.outbound[id] = queue }
+    self.succeedAfterSend(promise)
+  }
+
+  /// Queues the trailers after the last DATA frame (called from the read callback, where
+  /// nghttp2 allows it).
+  private func submitTrailers(_ queue: OutboundQueue, stream: Int32) {
+    guard let session, let trailers = queue.trailers else { return }
+    queue.trailers = nil
+    _ = self.withNameValues(trailers) { nva, count in nghttp2_submit_trailer(session, stream, nva, count) }
+  }
+
+  fileprivate func read(_ queue: OutboundQueue, stream: Int32, length: Int, flags: UnsafeMutablePointer<UInt32>) -> Int {
     guard let (head, _) = queue.buffers.first else {
       if queue.ended {
         flags.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue | NGHTTP2_DATA_FLAG_NO_COPY.rawValue
+        self.endData(queue, stream: stream, flags: flags)
         return 0
       }
       queue.deferred = true
@@ -362,8 +446,16 @@ final class NGHTTP2ClientHandler: ChannelDuplexHandler {
     flags.pointee |= NGHTTP2_DATA_FLAG_NO_COPY.rawValue
     if queue.ended && count == head.readableBytes && queue.buffers.count == 1 {
       flags.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue
+      self.endData(queue, stream: stream, flags: flags)
     }
     return count
+  }
+
+  /// The last DATA frame: END_STREAM on it, or on the trailers that follow it.
+  private func endData(_ queue: OutboundQueue, stream: Int32, flags: UnsafeMutablePointer<UInt32>) {
+    guard queue.trailers != nil else { return }
+    flags.pointee |= NGHTTP2_DATA_FLAG_NO_END_STREAM.rawValue
+    self.submitTrailers(queue, stream: stream)
   }
 
   /// Writes one DATA frame: its 9-byte header with what is pending, then the payload from the
@@ -415,6 +507,14 @@ final class NGHTTP2ClientHandler: ChannelDuplexHandler {
     self.pending.writeBytes(UnsafeRawBufferPointer(start: bytes, count: length))
   }
 
+  /// Promises of frames submitted to nghttp2, kept until it has serialized them: a write that
+  /// follows (a reset after a response, say) must not overtake them.
+  private var submitted: [EventLoopPromise<Void>] = []
+
+  private func succeedAfterSend(_ promise: EventLoopPromise<Void>?) {
+    if let promise { self.submitted.append(promise) }
+  }
+
   /// Lets nghttp2 write what it has queued, then flushes.
   private func send() {
     guard let session, let context else { return }
@@ -436,6 +536,11 @@ final class NGHTTP2ClientHandler: ChannelDuplexHandler {
     self.busy = false
     self.writePending(context, promise: nil)
     context.flush()
+    if !self.submitted.isEmpty {
+      let promises = self.submitted
+      self.submitted.removeAll(keepingCapacity: true)
+      for promise in promises { promise.succeed() }
+    }
     if nghttp2_session_want_read(session) == 0 && nghttp2_session_want_write(session) == 0 {
       // Both sides have said GOAWAY and no stream is left.
       context.close(promise: nil)
@@ -443,6 +548,9 @@ final class NGHTTP2ClientHandler: ChannelDuplexHandler {
   }
 
   private func failAllOutbound() {
+    let promises = self.submitted
+    self.submitted.removeAll()
+    for promise in promises { promise.fail(ChannelError.ioOnClosedChannel) }
     let queues = self.outbound
     self.outbound.removeAll()
     for queue in queues.values {
@@ -453,8 +561,8 @@ final class NGHTTP2ClientHandler: ChannelDuplexHandler {
 
 // MARK: - nghttp2 callbacks (C functions: no captures; the handler comes back as user data)
 
-private func handler(_ user: UnsafeMutableRawPointer?) -> NGHTTP2ClientHandler {
-  Unmanaged<NGHTTP2ClientHandler>.fromOpaque(user!).takeUnretainedValue()
+private func handler(_ user: UnsafeMutableRawPointer?) -> NGHTTP2Handler {
+  Unmanaged<NGHTTP2Handler>.fromOpaque(user!).takeUnretainedValue()
 }
 
 private let sendCallback: nghttp2_send_callback = { _, data, length, _, user in
@@ -463,14 +571,14 @@ private let sendCallback: nghttp2_send_callback = { _, data, length, _, user in
 }
 
 private let sendDataCallback: nghttp2_send_data_callback = { _, _, header, length, source, user in
-  let queue = Unmanaged<NGHTTP2ClientHandler.OutboundQueue>.fromOpaque(source!.pointee.ptr).takeUnretainedValue()
+  let queue = Unmanaged<NGHTTP2Handler.OutboundQueue>.fromOpaque(source!.pointee.ptr).takeUnretainedValue()
   handler(user).sendData(queue, header: header!, length: length)
   return 0
 }
 
-private let readCallback: nghttp2_data_source_read_callback = { _, _, _, length, flags, source, user in
-  let queue = Unmanaged<NGHTTP2ClientHandler.OutboundQueue>.fromOpaque(source!.pointee.ptr).takeUnretainedValue()
-  return handler(user).read(queue, length: length, flags: flags!)
+private let readCallback: nghttp2_data_source_read_callback = { _, stream, _, length, flags, source, user in
+  let queue = Unmanaged<NGHTTP2Handler.OutboundQueue>.fromOpaque(source!.pointee.ptr).takeUnretainedValue()
+  return handler(user).read(queue, stream: stream, length: length, flags: flags!)
 }
 
 private let frameReceivedCallback: nghttp2_on_frame_recv_callback = { _, frame, user in
@@ -494,6 +602,5 @@ private let beginHeadersCallback: nghttp2_on_begin_headers_callback = { _, _, us
 }
 
 private let headerCallback: nghttp2_on_header_callback = { _, _, name, nameLength, value, valueLength, _, user in
-  handler(user).header(name: name!, nameLength, value: value!, valueLength)
-  return 0
+  handler(user).header(name: name!, nameLength, value: value!, valueLength) ? 0 : NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue
 }

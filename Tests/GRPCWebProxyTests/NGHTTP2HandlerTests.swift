@@ -9,7 +9,7 @@ import Testing
 
 /// The nghttp2 client codec against NIOHTTP2's server, in memory: bytes are carried between two
 /// EmbeddedChannels, so every frame crosses a real encoder and a real decoder, with no socket.
-@Suite struct NGHTTP2ClientHandlerTests {
+@Suite struct NGHTTP2HandlerTests {
   /// What reaches the handler above a codec: frames and user events.
   final class Recorder: ChannelInboundHandler {
     typealias InboundIn = HTTP2Frame
@@ -40,7 +40,7 @@ import Testing
       try self.server.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .server, initialSettings: serverSettings))
       try self.server.pipeline.syncOperations.addHandler(self.serverFrames)
       try self.client.pipeline.syncOperations.addHandler(
-        NGHTTP2ClientHandler(initialSettings: UpstreamConnection.nghttp2Settings, connectionWindow: 16 << 20, allocator: self.client.allocator))
+        NGHTTP2Handler(initialSettings: UpstreamConnection.nghttp2Settings, connectionWindow: 16 << 20, allocator: self.client.allocator))
       try self.client.pipeline.syncOperations.addHandler(self.clientFrames)
       try self.server.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
       try self.client.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
@@ -175,5 +175,111 @@ import Testing
     pair.client.writeAndFlush(HTTP2Frame(streamID: 1, payload: .windowUpdate(windowSizeIncrement: UpstreamConnection.streamWindow)), promise: nil)
     try pair.shuttle()
     #expect(pair.body(pair.clientFrames.frames, stream: 1).readableBytes == 80 * 16_384)
+  }
+}
+
+/// The nghttp2 server codec (clients' connections) against NIOHTTP2's client, in memory.
+@Suite struct NGHTTP2ServerHandlerTests {
+  typealias Recorder = NGHTTP2HandlerTests.Recorder
+
+  final class Pair {
+    let client = EmbeddedChannel()
+    let server = EmbeddedChannel()
+    let clientFrames = Recorder()
+    let serverFrames = Recorder()
+
+    init(maxHeaderBlock: Int = 1 << 20) throws {
+      let settings = [
+        nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS.rawValue), value: 100),
+        nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE.rawValue), value: 1 << 20),
+      ]
+      try self.server.pipeline.syncOperations.addHandler(
+        NGHTTP2Handler(mode: .server, initialSettings: settings, connectionWindow: 8 << 20, maxHeaderBlock: maxHeaderBlock,
+          allocator: self.server.allocator))
+      try self.server.pipeline.syncOperations.addHandler(self.serverFrames)
+      try self.client.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client))
+      try self.client.pipeline.syncOperations.addHandler(self.clientFrames)
+      try self.server.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+      try self.client.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+      try self.shuttle()
+    }
+
+    func shuttle() throws {
+      var moved = true
+      while moved {
+        moved = false
+        while let bytes = try self.client.readOutbound(as: ByteBuffer.self) {
+          try self.server.writeInbound(bytes)
+          moved = true
+        }
+        while let bytes = try self.server.readOutbound(as: ByteBuffer.self) {
+          try self.client.writeInbound(bytes)
+          moved = true
+        }
+      }
+    }
+
+    func request(_ id: HTTP2StreamID, extra: [(String, String)] = [], endStream: Bool) {
+      var headers: HPACKHeaders = [":method": "POST", ":scheme": "http", ":path": "/demo.User/login", ":authority": "proxy", "content-type": "application/grpc-web+proto"]
+      for (name, value) in extra { headers.add(name: name, value: value) }
+      self.client.writeAndFlush(HTTP2Frame(streamID: id, payload: .headers(.init(headers: headers, endStream: endStream))), promise: nil)
+    }
+
+    /// The frames of streams (not the connection's), as short names.
+    func payloads(_ frames: [HTTP2Frame]) -> [String] {
+      frames.filter { $0.streamID != .rootStream }.map { frame in
+        switch frame.payload {
+        case .headers(let h): return "headers\(h.endStream ? " end" : "")"
+        case .data(let d): return "data \(d.data.readableBytes)\(d.endStream ? " end" : "")"
+        case .rstStream(let code): return "reset \(code.networkCode)"
+        default: return "other"
+        }
+      }
+    }
+  }
+
+  @Test func aResponseWithTrailersEndsOnTheTrailers() throws {
+    let pair = try Pair()
+    pair.request(1, endStream: false)
+    pair.client.writeAndFlush(HTTP2Frame(streamID: 1, payload: .data(.init(data: .byteBuffer(ByteBuffer(bytes: [0, 0, 0, 0, 0])), endStream: true))), promise: nil)
+    try pair.shuttle()
+    #expect(pair.payloads(pair.serverFrames.frames) == ["headers", "data 5 end"])
+    pair.server.write(HTTP2Frame(streamID: 1, payload: .headers(.init(headers: [":status": "200"]))), promise: nil)
+    pair.server.write(HTTP2Frame(streamID: 1, payload: .data(.init(data: .byteBuffer(ByteBuffer(repeating: 1, count: 40_000))))), promise: nil)
+    pair.server.write(HTTP2Frame(streamID: 1, payload: .headers(.init(headers: ["grpc-status": "0"], endStream: true))), promise: nil)
+    pair.server.flush()
+    try pair.shuttle()
+    let frames = pair.payloads(pair.clientFrames.frames.filter { $0.streamID == 1 })
+    #expect(frames.first == "headers")
+    #expect(frames.last == "headers end")
+    #expect(!frames.contains("data 0"), "no empty DATA frame before the trailers")
+    #expect(pair.serverFrames.closed.map(\.streamID) == [1])
+  }
+
+  /// A local reply before the request has ended, then RST_STREAM(NO_ERROR) so the client stops
+  /// sending: the client must see the reply first (RFC 9113 section 8.1).
+  @Test func aResetAfterAnEarlyReplyFollowsIt() throws {
+    let pair = try Pair()
+    pair.request(1, endStream: false)
+    try pair.shuttle()
+    let written = pair.server.eventLoop.makePromise(of: Void.self)
+    pair.server.write(HTTP2Frame(streamID: 1, payload: .headers(.init(headers: [":status": "400", "grpc-status": "13"], endStream: true))), promise: written)
+    pair.server.flush()
+    written.futureResult.whenSuccess {
+      pair.server.writeAndFlush(HTTP2Frame(streamID: 1, payload: .rstStream(.noError)), promise: nil)
+    }
+    try pair.shuttle()
+    #expect(pair.payloads(pair.clientFrames.frames.filter { $0.streamID == 1 }) == ["headers end", "reset 0"])
+  }
+
+  @Test func aHeaderBlockOverTheLimitResetsItsStreamOnly() throws {
+    let pair = try Pair(maxHeaderBlock: 4096)
+    pair.request(1, extra: [("x-big", String(repeating: "a", count: 8000))], endStream: true)
+    pair.request(3, endStream: true)
+    try pair.shuttle()
+    #expect(pair.payloads(pair.serverFrames.frames).filter { $0.hasPrefix("headers") } == ["headers end"], "only stream 3's head arrives")
+    #expect(pair.serverFrames.frames.first { $0.streamID != .rootStream }?.streamID == 3)
+    let resets = pair.clientFrames.frames.filter { if case .rstStream = $0.payload { return $0.streamID == 1 } else { return false } }
+    #expect(resets.count == 1)
   }
 }
