@@ -65,6 +65,9 @@ final class NGHTTP2Handler: ChannelDuplexHandler {
   private var headerBlock = HPACKHeaders()
   /// Inside nghttp2 (decoding or sending): it must not be entered again.
   private var busy = false
+  /// The channel has gone: nghttp2 must not be driven again (its streams' data sources would
+  /// be called for queues that no longer hold anything).
+  private var closed = false
   private var sendWanted = false
 
   init(mode: Mode = .client, initialSettings: [nghttp2_settings_entry], connectionWindow: Int, maxHeaderBlock: Int = .max,
@@ -151,7 +154,7 @@ final class NGHTTP2Handler: ChannelDuplexHandler {
   // MARK: - Reading
 
   func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-    guard let session else { return }
+    guard let session, !self.closed else { return }
     let buffer = self.unwrapInboundIn(data)
     self.busy = true
     let result = buffer.withUnsafeReadableBytes { bytes -> Int in
@@ -199,7 +202,7 @@ final class NGHTTP2Handler: ChannelDuplexHandler {
   }
 
   private func copied(_ pointer: UnsafePointer<UInt8>, _ length: Int) -> ByteBuffer {
-    var buffer = self.context!.channel.allocator.buffer(capacity: length)
+    var buffer = (self.context?.channel.allocator ?? ByteBufferAllocator()).buffer(capacity: length)
     buffer.writeBytes(UnsafeRawBufferPointer(start: pointer, count: length))
     return buffer
   }
@@ -239,7 +242,7 @@ final class NGHTTP2Handler: ChannelDuplexHandler {
         self.emit(HTTP2Frame(streamID: stream, payload: .data(.init(data: .byteBuffer(held.data), endStream: endStream))))
       } else if endStream {
         self.releaseHeldChunk()
-        let empty = self.context!.channel.allocator.buffer(capacity: 0)
+        let empty = ByteBuffer()
         self.emit(HTTP2Frame(streamID: stream, payload: .data(.init(data: .byteBuffer(empty), endStream: true))))
       }
     case NGHTTP2_HEADERS.rawValue:
@@ -289,6 +292,10 @@ final class NGHTTP2Handler: ChannelDuplexHandler {
 
   func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
     guard let session else {
+      promise?.fail(ChannelError.ioOnClosedChannel)
+      return
+    }
+    guard !self.closed else {
       promise?.fail(ChannelError.ioOnClosedChannel)
       return
     }
@@ -383,6 +390,12 @@ final class NGHTTP2Handler: ChannelDuplexHandler {
       return nghttp2_submit_request(session, nil, nva, count, nil, nil)
     }
     guard submitted == id else {
+      if submitted > 0 {
+        // nghttp2 opened a stream under another ID: its data source must stay alive until
+        // the stream closes, and the stream must close at once.
+        if let queue { self.outbound[submitted] = queue }
+        nghttp2_submit_rst_stream(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), submitted, UInt32(NGHTTP2_CANCEL.rawValue))
+      }
       promise?.fail(StreamGone())
       return
     }
@@ -460,8 +473,8 @@ final class NGHTTP2Handler: ChannelDuplexHandler {
 
   /// Writes one DATA frame: its 9-byte header with what is pending, then the payload from the
   /// call's buffer, without a copy unless it is small.
-  fileprivate func sendData(_ queue: OutboundQueue, header: UnsafePointer<UInt8>, length: Int) {
-    guard let context else { return }
+  fileprivate func sendData(_ queue: OutboundQueue, header: UnsafePointer<UInt8>, length: Int) -> Bool {
+    guard let context else { return false }
     self.pending.writeBytes(UnsafeRawBufferPointer(start: header, count: 9))
     if length == 0 {
       // An empty frame (END_STREAM alone): the empty writes at the head are done with it.
@@ -469,9 +482,11 @@ final class NGHTTP2Handler: ChannelDuplexHandler {
         let (_, promise) = queue.buffers.removeFirst()
         if let promise { self.writePending(context, promise: promise) }
       }
-      return
+      return true
     }
-    // The read callback never offers more than the head buffer holds.
+    // The read callback never offers more than the head buffer holds; anything else would
+    // write a frame shorter than its header says.
+    guard let head = queue.buffers.first, length <= head.0.readableBytes else { return false }
     var (buffer, promise) = queue.buffers.removeFirst()
     if length < buffer.readableBytes {
       // The frame ends inside this buffer: the rest stays queued, with the promise.
@@ -481,6 +496,7 @@ final class NGHTTP2Handler: ChannelDuplexHandler {
     } else {
       self.writeData(buffer, promise: promise, context: context)
     }
+    return true
   }
 
   private func writeData(_ data: ByteBuffer, promise: EventLoopPromise<Void>?, context: ChannelHandlerContext) {
@@ -517,7 +533,7 @@ final class NGHTTP2Handler: ChannelDuplexHandler {
 
   /// Lets nghttp2 write what it has queued, then flushes.
   private func send() {
-    guard let session, let context else { return }
+    guard let session, let context, !self.closed else { return }
     guard !self.busy else {
       self.sendWanted = true
       return
@@ -547,13 +563,16 @@ final class NGHTTP2Handler: ChannelDuplexHandler {
     }
   }
 
+  /// The connection is gone: nghttp2 is never entered again, and what was waiting fails. The
+  /// queues stay (emptied) until the session is deleted: its streams still point at them.
   private func failAllOutbound() {
+    self.closed = true
     let promises = self.submitted
     self.submitted.removeAll()
     for promise in promises { promise.fail(ChannelError.ioOnClosedChannel) }
-    let queues = self.outbound
-    self.outbound.removeAll()
-    for queue in queues.values {
+    for queue in self.outbound.values {
+      queue.ended = true
+      queue.trailers = nil
       while let (_, promise) = queue.buffers.popFirst() { promise?.fail(StreamGone()) }
     }
   }
@@ -572,8 +591,7 @@ private let sendCallback: nghttp2_send_callback = { _, data, length, _, user in
 
 private let sendDataCallback: nghttp2_send_data_callback = { _, _, header, length, source, user in
   let queue = Unmanaged<NGHTTP2Handler.OutboundQueue>.fromOpaque(source!.pointee.ptr).takeUnretainedValue()
-  handler(user).sendData(queue, header: header!, length: length)
-  return 0
+  return handler(user).sendData(queue, header: header!, length: length) ? 0 : NGHTTP2_ERR_CALLBACK_FAILURE.rawValue
 }
 
 private let readCallback: nghttp2_data_source_read_callback = { _, stream, _, length, flags, source, user in

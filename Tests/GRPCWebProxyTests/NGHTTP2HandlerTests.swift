@@ -188,7 +188,7 @@ import Testing
     let clientFrames = Recorder()
     let serverFrames = Recorder()
 
-    init(maxHeaderBlock: Int = 1 << 20) throws {
+    init(maxHeaderBlock: Int = 1 << 20, clientWindow: Int = 65_535) throws {
       let settings = [
         nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS.rawValue), value: 100),
         nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE.rawValue), value: 1 << 20),
@@ -197,7 +197,8 @@ import Testing
         NGHTTP2Handler(mode: .server, initialSettings: settings, connectionWindow: 8 << 20, maxHeaderBlock: maxHeaderBlock,
           allocator: self.server.allocator))
       try self.server.pipeline.syncOperations.addHandler(self.serverFrames)
-      try self.client.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client))
+      try self.client.pipeline.syncOperations.addHandler(
+        NIOHTTP2Handler(mode: .client, initialSettings: [HTTP2Setting(parameter: .initialWindowSize, value: clientWindow)]))
       try self.client.pipeline.syncOperations.addHandler(self.clientFrames)
       try self.server.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
       try self.client.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
@@ -281,5 +282,32 @@ import Testing
     #expect(pair.serverFrames.frames.first { $0.streamID != .rootStream }?.streamID == 3)
     let resets = pair.clientFrames.frames.filter { if case .rstStream = $0.payload { return $0.streamID == 1 } else { return false } }
     #expect(resets.count == 1)
+  }
+}
+
+extension NGHTTP2ServerHandlerTests {
+  /// A response held back by the client's window when the connection goes: the streams nghttp2
+  /// still has point at their data queues, so it must never run again (it did, on the next
+  /// read or write, and crashed the proxy at the end of a benchmark run).
+  @Test func nothingRunsAfterTheConnectionIsGone() throws {
+    let pair = try Pair(clientWindow: 0)
+    pair.request(1, endStream: true)
+    try pair.shuttle()
+    pair.server.write(HTTP2Frame(streamID: 1, payload: .headers(.init(headers: [":status": "200"]))), promise: nil)
+    let held = pair.server.eventLoop.makePromise(of: Void.self)
+    pair.server.write(HTTP2Frame(streamID: 1, payload: .data(.init(data: .byteBuffer(ByteBuffer(repeating: 1, count: 1000))))), promise: held)
+    pair.server.flush()
+    try pair.shuttle()
+    pair.server.pipeline.fireChannelInactive()
+    #expect(throws: (any Error).self) { try held.futureResult.wait() }
+    // The client opens its window: before, nghttp2 resumed the stream, read its freed queue and
+    // wrote a DATA frame.
+    pair.client.writeAndFlush(HTTP2Frame(streamID: 1, payload: .windowUpdate(windowSizeIncrement: 1 << 20)), promise: nil)
+    pair.client.writeAndFlush(HTTP2Frame(streamID: .rootStream, payload: .ping(HTTP2PingData(withInteger: 7), ack: false)), promise: nil)
+    while let bytes = try pair.client.readOutbound(as: ByteBuffer.self) { try pair.server.writeInbound(bytes) }
+    #expect(try pair.server.readOutbound(as: ByteBuffer.self) == nil, "nothing is written after the connection has gone")
+    let late = pair.server.eventLoop.makePromise(of: Void.self)
+    pair.server.writeAndFlush(HTTP2Frame(streamID: 1, payload: .data(.init(data: .byteBuffer(ByteBuffer(repeating: 1, count: 10))))), promise: late)
+    #expect(throws: (any Error).self) { try late.futureResult.wait() }
   }
 }
