@@ -374,6 +374,15 @@ final class NGHTTP2Handler: ChannelDuplexHandler {
     }
   }
 
+  /// A data provider reading from `queue` (nghttp2 copies the provider, not the queue: the queue
+  /// must live until the stream closes), or none for a message that ends with its headers.
+  private static func withProvider(_ queue: OutboundQueue?, _ body: (UnsafePointer<nghttp2_data_provider>?) -> Int32) -> Int32 {
+    guard let queue else { return body(nil) }
+    var provider = nghttp2_data_provider(
+      source: nghttp2_data_source(ptr: Unmanaged.passUnretained(queue).toOpaque()), read_callback: readCallback)
+    return body(&provider)
+  }
+
   private func submitRequest(_ session: OpaquePointer, id: Int32, headers: HPACKHeaders, endStream: Bool, promise: EventLoopPromise<Void>?) {
     // Stream IDs are chosen by UpstreamConnection, in the order it writes their HEADERS.
     guard nghttp2_session_set_next_stream_id(session, id) == 0 else {
@@ -382,12 +391,7 @@ final class NGHTTP2Handler: ChannelDuplexHandler {
     }
     let queue: OutboundQueue? = endStream ? nil : OutboundQueue()
     let submitted: Int32 = self.withNameValues(headers) { nva, count in
-      if let queue {
-        var provider = nghttp2_data_provider(
-          source: nghttp2_data_source(ptr: Unmanaged.passUnretained(queue).toOpaque()), read_callback: readCallback)
-        return nghttp2_submit_request(session, nil, nva, count, &provider, nil)
-      }
-      return nghttp2_submit_request(session, nil, nva, count, nil, nil)
+      Self.withProvider(queue) { nghttp2_submit_request(session, nil, nva, count, $0, nil) }
     }
     guard submitted == id else {
       if submitted > 0 {
@@ -422,12 +426,7 @@ final class NGHTTP2Handler: ChannelDuplexHandler {
     }
     let queue: OutboundQueue? = endStream ? nil : OutboundQueue()
     let result: Int32 = self.withNameValues(headers) { nva, count in
-      if let queue {
-        var provider = nghttp2_data_provider(
-          source: nghttp2_data_source(ptr: Unmanaged.passUnretained(queue).toOpaque()), read_callback: readCallback)
-        return nghttp2_submit_response(session, id, nva, count, &provider)
-      }
-      return nghttp2_submit_response(session, id, nva, count, nil)
+      Self.withProvider(queue) { nghttp2_submit_response(session, id, nva, count, $0) }
     }
     guard result == 0 else {
       promise?.fail(StreamGone())

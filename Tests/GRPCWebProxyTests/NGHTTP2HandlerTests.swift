@@ -7,6 +7,41 @@ import Testing
 
 @testable import GRPCWebProxy
 
+/// Two EmbeddedChannels joined in memory: a client codec and a server codec, each with a
+/// recorder above it; bytes cross only when `shuttle` carries them.
+class InMemoryHTTP2Link {
+  let client = EmbeddedChannel()
+  let server = EmbeddedChannel()
+  let clientFrames = NGHTTP2HandlerTests.Recorder()
+  let serverFrames = NGHTTP2HandlerTests.Recorder()
+
+  init(client clientCodec: any ChannelHandler, server serverCodec: any ChannelHandler) throws {
+    try self.server.pipeline.syncOperations.addHandler(serverCodec)
+    try self.server.pipeline.syncOperations.addHandler(self.serverFrames)
+    try self.client.pipeline.syncOperations.addHandler(clientCodec)
+    try self.client.pipeline.syncOperations.addHandler(self.clientFrames)
+    try self.server.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+    try self.client.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+    try self.shuttle()
+  }
+
+  /// Carries bytes both ways until neither side has anything more to say.
+  func shuttle() throws {
+    var moved = true
+    while moved {
+      moved = false
+      while let bytes = try self.client.readOutbound(as: ByteBuffer.self) {
+        try self.server.writeInbound(bytes)
+        moved = true
+      }
+      while let bytes = try self.server.readOutbound(as: ByteBuffer.self) {
+        try self.client.writeInbound(bytes)
+        moved = true
+      }
+    }
+  }
+}
+
 /// The nghttp2 client codec against NIOHTTP2's server, in memory: bytes are carried between two
 /// EmbeddedChannels, so every frame crosses a real encoder and a real decoder, with no socket.
 @Suite struct NGHTTP2HandlerTests {
@@ -30,37 +65,11 @@ import Testing
     }
   }
 
-  final class Pair {
-    let client = EmbeddedChannel()
-    let server = EmbeddedChannel()
-    let clientFrames = Recorder()
-    let serverFrames = Recorder()
-
+  final class Pair: InMemoryHTTP2Link {
     init(serverSettings: HTTP2Settings = nghttp2DefaultServerSettings) throws {
-      try self.server.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .server, initialSettings: serverSettings))
-      try self.server.pipeline.syncOperations.addHandler(self.serverFrames)
-      try self.client.pipeline.syncOperations.addHandler(
-        NGHTTP2Handler(initialSettings: UpstreamConnection.nghttp2Settings, connectionWindow: 16 << 20, allocator: self.client.allocator))
-      try self.client.pipeline.syncOperations.addHandler(self.clientFrames)
-      try self.server.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
-      try self.client.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
-      try self.shuttle()
-    }
-
-    /// Carries bytes both ways until neither side has anything more to say.
-    func shuttle() throws {
-      var moved = true
-      while moved {
-        moved = false
-        while let bytes = try self.client.readOutbound(as: ByteBuffer.self) {
-          try self.server.writeInbound(bytes)
-          moved = true
-        }
-        while let bytes = try self.server.readOutbound(as: ByteBuffer.self) {
-          try self.client.writeInbound(bytes)
-          moved = true
-        }
-      }
+      try super.init(
+        client: NGHTTP2Handler(initialSettings: UpstreamConnection.nghttp2Settings, connectionWindow: 16 << 20, allocator: ByteBufferAllocator()),
+        server: NIOHTTP2Handler(mode: .server, initialSettings: serverSettings))
     }
 
     func request(_ id: HTTP2StreamID, headers extra: [(String, String)] = [], body: ByteBuffer?) {
@@ -182,42 +191,16 @@ import Testing
 @Suite struct NGHTTP2ServerHandlerTests {
   typealias Recorder = NGHTTP2HandlerTests.Recorder
 
-  final class Pair {
-    let client = EmbeddedChannel()
-    let server = EmbeddedChannel()
-    let clientFrames = Recorder()
-    let serverFrames = Recorder()
-
+  final class Pair: InMemoryHTTP2Link {
     init(maxHeaderBlock: Int = 1 << 20, clientWindow: Int = 65_535) throws {
       let settings = [
         nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS.rawValue), value: 100),
         nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE.rawValue), value: 1 << 20),
       ]
-      try self.server.pipeline.syncOperations.addHandler(
-        NGHTTP2Handler(mode: .server, initialSettings: settings, connectionWindow: 8 << 20, maxHeaderBlock: maxHeaderBlock,
-          allocator: self.server.allocator))
-      try self.server.pipeline.syncOperations.addHandler(self.serverFrames)
-      try self.client.pipeline.syncOperations.addHandler(
-        NIOHTTP2Handler(mode: .client, initialSettings: [HTTP2Setting(parameter: .initialWindowSize, value: clientWindow)]))
-      try self.client.pipeline.syncOperations.addHandler(self.clientFrames)
-      try self.server.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
-      try self.client.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
-      try self.shuttle()
-    }
-
-    func shuttle() throws {
-      var moved = true
-      while moved {
-        moved = false
-        while let bytes = try self.client.readOutbound(as: ByteBuffer.self) {
-          try self.server.writeInbound(bytes)
-          moved = true
-        }
-        while let bytes = try self.server.readOutbound(as: ByteBuffer.self) {
-          try self.client.writeInbound(bytes)
-          moved = true
-        }
-      }
+      try super.init(
+        client: NIOHTTP2Handler(mode: .client, initialSettings: [HTTP2Setting(parameter: .initialWindowSize, value: clientWindow)]),
+        server: NGHTTP2Handler(mode: .server, initialSettings: settings, connectionWindow: 8 << 20, maxHeaderBlock: maxHeaderBlock,
+          allocator: ByteBufferAllocator()))
     }
 
     func request(_ id: HTTP2StreamID, extra: [(String, String)] = [], endStream: Bool) {
