@@ -88,6 +88,20 @@ def test_an_http1_upload_stops_being_read_when_the_backend_does_not_take_it():
         backend.close()
 
 
+def pump(sock, conn):
+    """One read from the socket through the client's state machine (whose answers, such as
+    SETTINGS acknowledgements, go back at once): its events, [] on a timeout, None at EOF."""
+    try:
+        data = sock.recv(1 << 20)
+    except socket.timeout:
+        return []
+    if not data:
+        return None
+    events = conn.receive_data(data)
+    sock.sendall(conn.data_to_send())
+    return events
+
+
 def send_before_reading(port, messages, seconds):
     """A native gRPC bidi stream whose client sends its whole body before it reads any of the
     echoes: it gives the response no window beyond HTTP/2's first 64 KiB. Returns the
@@ -111,16 +125,10 @@ def send_before_reading(port, messages, seconds):
             conn.send_data(sid, chunk, end_stream=sent == len(body))
             sock.sendall(conn.data_to_send())
             continue
-        try:
-            data = sock.recv(1 << 20)
-        except socket.timeout:
-            continue
-        if not data:
+        events = pump(sock, conn)  # window updates; response data is not acknowledged
+        if events is None:
             break
-        for event in conn.receive_data(data):  # window updates; response data is not acknowledged
-            if isinstance(event, h2.events.DataReceived):
-                held.append(event)
-        sock.sendall(conn.data_to_send())
+        held += [e for e in events if isinstance(e, h2.events.DataReceived)]
     return sock, conn, sid, sent, len(body), held
 
 
@@ -137,20 +145,16 @@ def read_all(sock, conn, held, seconds=30):
     deadline = time.monotonic() + seconds
     ended = False
     while not ended and time.monotonic() < deadline:
-        try:
-            data = sock.recv(1 << 20)
-        except socket.timeout:
-            continue
-        if not data:
+        events = pump(sock, conn)
+        if events is None:
             break
-        for event in conn.receive_data(data):
+        for event in events:
             if isinstance(event, h2.events.DataReceived):
                 body += event.data
             elif isinstance(event, h2.events.TrailersReceived):
                 trailers = dict(event.headers)
             if isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
                 ended = True
-        sock.sendall(conn.data_to_send())
     return bytes(body), trailers
 
 
