@@ -37,13 +37,25 @@ let package = Package(
       dependencies: [.product(name: "Yams", package: "Yams")],
       swiftSettings: defaultSwiftSettings
     ),
-    // The gRPC-Web protocol: codecs, header translation, CORS, routing, deadlines. No sockets.
+    // The gRPC-Web wire protocol: base64 and frame codecs, header translation, the response
+    // translator. No sockets.
     .target(
       name: "GRPCWebCore",
       dependencies: [
         "ProxyConfig",
         .product(name: "NIOCore", package: "swift-nio"),
         .product(name: "NIOHTTP1", package: "swift-nio"),
+        .product(name: "NIOHPACK", package: "swift-nio-http2"),
+      ],
+      swiftSettings: defaultSwiftSettings
+    ),
+    // What the HTTP filters decide, as Envoy's filters do: routing, CORS, header mutations,
+    // deadlines, the retry policy. Beside the wire code, with no sockets.
+    .target(
+      name: "ProxyFilters",
+      dependencies: [
+        "ProxyConfig",
+        "GRPCWebCore",
         .product(name: "NIOHPACK", package: "swift-nio-http2"),
       ],
       swiftSettings: defaultSwiftSettings
@@ -59,6 +71,7 @@ let package = Package(
       name: "GRPCWebProxy",
       dependencies: [
         "GRPCWebCore",
+        "ProxyFilters",
         "ProxyConfig",
         "CNGHTTP2",
         .product(name: "NIOCore", package: "swift-nio"),
@@ -130,10 +143,22 @@ let package = Package(
       swiftSettings: defaultSwiftSettings
     ),
     .testTarget(
+      name: "ProxyFiltersTests",
+      dependencies: [
+        "ProxyFilters",
+        "GRPCWebCore",
+        "ProxyConfig",
+        .product(name: "NIOCore", package: "swift-nio"),
+        .product(name: "NIOHPACK", package: "swift-nio-http2"),
+      ],
+      swiftSettings: defaultSwiftSettings
+    ),
+    .testTarget(
       name: "GRPCWebProxyTests",
       dependencies: [
         "GRPCWebProxy",
         "GRPCWebCore",
+        "ProxyFilters",
         "ProxyConfig",
         .product(name: "NIOCore", package: "swift-nio"),
         .product(name: "NIOPosix", package: "swift-nio"),

@@ -5,6 +5,7 @@ import NIOHTTP1
 import NIOHTTP2
 import NIOPosix
 import ProxyConfig
+import ProxyFilters
 import ServiceLifecycle
 
 /// A listener as bound: with port 0 in the configuration, `port` is the one the system chose.
@@ -168,7 +169,7 @@ public final class ProxyServer: Service {
       for cluster in config.clusters where cluster.type != .staticAddresses {
         group.addTask {
           await Self.keepResolving(cluster, initial: initial[cluster.name] ?? [], discovery: discovery, directory: directory,
-            on: firstLoop, logger: logger)
+            on: firstLoop, logger: logger, clock: ContinuousClock())
         }
       }
       for cluster in config.clusters {
@@ -238,61 +239,37 @@ public final class ProxyServer: Service {
     return total
   }
 
-  /// A DNS cluster's refresh loop: every `dns_refresh_rate` (or when the records' TTL runs out,
-  /// with `respect_dns_ttl`), at once when a connection to one of its endpoints failed, and
-  /// after a failed lookup every `dns_failure_refresh_rate` (doubling up to its maximum).
-  /// A failed lookup keeps the last endpoints; an empty answer empties the cluster only when the
-  /// next lookup says the same, so a Swarm service whose tasks are being replaced keeps its calls.
-  private static func keepResolving(
+  /// A DNS cluster's refresh loop, on `clock`: looks up when `DNSRefreshSchedule` says, or at
+  /// once when a connection to one of its endpoints failed, and publishes what it decides.
+  static func keepResolving<C: Clock>(
     _ cluster: Cluster, initial: [HostAndPort], discovery: Discovery, directory: UpstreamDirectory,
-    on loop: any EventLoop, logger: Logger
-  ) async {
-    let clock = ContinuousClock()
-    let refresh = Duration.nanoseconds(max(cluster.dnsRefreshRate.nanoseconds, 100_000_000))
-    var last = initial
-    var emptyAnswers = 0
-    var failures = 0
-    var wait = refresh
+    on loop: any EventLoop, logger: Logger, clock: C
+  ) async where C.Duration == Duration {
+    var schedule = DNSRefreshSchedule(cluster: cluster, initial: initial)
     while !Task.isCancelled {
-      let due = clock.now.advanced(by: wait)
+      let due = clock.now.advanced(by: schedule.wait)
       while clock.now < due, !directory.takeResolveRequest(cluster.name) {
-        do { try await Task.sleep(for: .milliseconds(50)) } catch { return }
+        do { try await clock.sleep(for: .milliseconds(50)) } catch { return }
       }
-      switch await discovery.resolve(cluster, on: loop) {
-      case .endpoints(let endpoints, let ttl):
-        directory.count("update_success", cluster: cluster.name)
-        failures = 0
-        emptyAnswers = 0
-        wait = cluster.respectDNSTTL ? max(ttl ?? refresh, .milliseconds(100)) : refresh
-        if let change = EndpointSetChange(from: last, to: endpoints) {
-          logger.info("cluster '\(cluster.name)': \(change)")
-          last = endpoints
-          directory.discovered(endpoints, cluster: cluster.name)
-        }
-      case .empty:
-        directory.count("update_empty", cluster: cluster.name)
-        failures = 0
-        emptyAnswers += 1
-        wait = refresh
-        guard !last.isEmpty else { continue }
-        if emptyAnswers >= 2 {
-          logger.warning("cluster '\(cluster.name)': DNS has no addresses, twice in a row: the cluster is empty")
-          last = []
-          directory.discovered([], cluster: cluster.name)
-        } else {
-          logger.warning("cluster '\(cluster.name)': DNS returned no addresses; keeping \(last.count) known endpoints until the next lookup says the same")
-        }
-      case .failure(let reason):
-        directory.count("update_failure", cluster: cluster.name)
-        failures += 1
-        emptyAnswers = 0
-        if let rate = cluster.dnsFailureRefreshRate {
-          let grown = Duration.nanoseconds(rate.base.nanoseconds) * (1 << min(failures - 1, 16))
-          wait = min(grown, Duration.nanoseconds(max(rate.max.nanoseconds, rate.base.nanoseconds)))
-        } else {
-          wait = refresh
-        }
-        logger.warning("cluster '\(cluster.name)': DNS lookup failed (\(reason)); keeping \(last.count) known endpoints")
+      let outcome = await discovery.resolve(cluster, on: loop)
+      switch outcome {
+      case .endpoints: directory.count("update_success", cluster: cluster.name)
+      case .empty: directory.count("update_empty", cluster: cluster.name)
+      case .failure: directory.count("update_failure", cluster: cluster.name)
+      }
+      switch schedule.answer(outcome) {
+      case .changed(let change):
+        logger.info("cluster '\(cluster.name)': \(change)")
+        directory.discovered(schedule.endpoints, cluster: cluster.name)
+      case .unchanged:
+        break
+      case .emptyOnce(let kept):
+        logger.warning("cluster '\(cluster.name)': DNS returned no addresses; keeping \(kept) known endpoints until the next lookup says the same")
+      case .emptied:
+        logger.warning("cluster '\(cluster.name)': DNS has no addresses, twice in a row: the cluster is empty")
+        directory.discovered([], cluster: cluster.name)
+      case .failed(let reason, let kept):
+        logger.warning("cluster '\(cluster.name)': DNS lookup failed (\(reason)); keeping \(kept) known endpoints")
       }
     }
   }
@@ -301,7 +278,6 @@ public final class ProxyServer: Service {
     _ listener: Listener, index: Int, loops: [ObjectIdentifier: NIOLoopBound<LoopState>], tls: TLSListener?,
     limits: ConnectionLimits
   ) async throws -> any Channel {
-    let codec = listener.codec
     let maxConnections = listener.maxConnections
     let status = self.status
     let bootstrap = ServerBootstrap(group: self.group)
@@ -334,39 +310,7 @@ public final class ProxyServer: Service {
           let names = runtimes[0].statNames
           stats.connectionOpened(names)
           channel.closeFuture.assumeIsolated().whenComplete { _ in stats.connectionClosed(names) }
-          if let tls {
-            try DownstreamTLSPipeline.configure(
-              channel, listener: tls, codec: { runtimes[$0].listener.codec },
-              idleTimeout: { runtimes[$0].listener.idleTimeout.map { TimeAmount.nanoseconds($0.nanoseconds) } }
-            ) { context, chain, proto, session in
-              let chainNames = runtimes[chain].statNames
-              stats.managerConnectionOpened(chainNames)
-              context.channel.closeFuture.assumeIsolated().whenComplete { _ in stats.managerConnectionClosed(chainNames) }
-              switch proto {
-              case .http1: try Self.configureHTTP1(context.pipeline.syncOperations, runtime: runtimes[chain], tls: session)
-              case .http2: try Self.configureHTTP2(context.pipeline.syncOperations, runtime: runtimes[chain], tls: session)
-              }
-            }
-            return
-          }
-          stats.managerConnectionOpened(names)
-          channel.closeFuture.assumeIsolated().whenComplete { _ in stats.managerConnectionClosed(names) }
-          let runtime = runtimes[0]
-          switch codec {
-          case .http1:
-            try Self.configureHTTP1(channel.pipeline.syncOperations, runtime: runtime)
-          case .http2:
-            try Self.configureHTTP2(channel.pipeline.syncOperations, runtime: runtime)
-          case .auto:
-            let idle = runtime.listener.idleTimeout.map { TimeAmount.nanoseconds($0.nanoseconds) }
-            let detector = ProtocolDetector(idleTimeout: idle) { context, proto in
-              switch proto {
-              case .http1: try Self.configureHTTP1(context.pipeline.syncOperations, runtime: runtime)
-              case .http2: try Self.configureHTTP2(context.pipeline.syncOperations, runtime: runtime)
-              }
-            }
-            try channel.pipeline.syncOperations.addHandler(detector)
-          }
+          try Pipelines.downstream(channel, runtimes: runtimes, tls: tls, stats: stats)
         }
       }
     do {
@@ -383,8 +327,7 @@ public final class ProxyServer: Service {
       .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
       .childChannelInitializer { channel in
         channel.eventLoop.makeCompletedFuture {
-          try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
-          try channel.pipeline.syncOperations.addHandler(AdminHandler(status: status, accessLog: log))
+          try Pipelines.admin(channel, status: status, accessLog: log)
         }
       }
     do {
@@ -393,37 +336,4 @@ public final class ProxyServer: Service {
       throw ProxyError(message: "admin: cannot listen on \(address): \(error)")
     }
   }
-
-  /// The only place downstream pipelines are assembled.
-  /// - Parameter tls: the TLS session under the connection, nil for cleartext. Its scheme is
-  ///   `https`: HTTP/1.1 requests do not say (HTTP/2 ones carry `:scheme`), and the backend hears
-  ///   it as `x-forwarded-proto`.
-  static func configureHTTP1(
-    _ pipeline: ChannelPipeline.SynchronousOperations, runtime: ListenerRuntime, tls: TLSSessionInfo? = nil
-  ) throws {
-    // NIO's decoder enforces the listener's header limits while it parses, so an oversized
-    // request is never held in full; HTTP1ProxyHandler answers its errors (431 or 400).
-    var limits = NIOHTTPDecoderLimitConfiguration()
-    limits.maxHeaderFieldSize = runtime.listener.headerLimits.maxBytes
-    limits.maxHeaderListSize = runtime.listener.headerLimits.maxBytes
-    limits.maxHeaderFieldCount = runtime.listener.headerLimits.maxCount
-    let handler = HTTP1ProxyHandler(runtime: runtime, tls: tls)
-    if let timeout = runtime.listener.requestHeadersTimeout {
-      // Right before the decoder: after TLS and protocol detection, so it sees every byte the
-      // decoder sees, and its 408 is encrypted like any answer.
-      try pipeline.addHandler(RequestBytesWatcher(handler, timeout: .nanoseconds(timeout.nanoseconds)))
-    }
-    try pipeline.configureHTTPServerPipeline(
-      withPipeliningAssistance: true, withErrorHandling: false, withOutboundHeaderValidation: true,
-      withEncoderConfiguration: .init(), withDecoderLimitConfiguration: limits)
-    try pipeline.addHandler(handler)
-  }
-
-  static func configureHTTP2(
-    _ pipeline: ChannelPipeline.SynchronousOperations, runtime: ListenerRuntime, tls: TLSSessionInfo? = nil
-  ) throws {
-    try pipeline.addHandler(HTTP2ProxyConnectionHandler.http2Handler(limits: runtime.listener.headerLimits, options: runtime.listener.http2, allocator: ByteBufferAllocator()))
-    try pipeline.addHandler(HTTP2ProxyConnectionHandler(runtime: runtime, tls: tls))
-  }
-
 }

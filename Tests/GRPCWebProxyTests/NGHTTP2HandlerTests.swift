@@ -68,7 +68,7 @@ class InMemoryHTTP2Link {
   final class Pair: InMemoryHTTP2Link {
     init(serverSettings: HTTP2Settings = nghttp2DefaultServerSettings) throws {
       try super.init(
-        client: NGHTTP2Handler(initialSettings: UpstreamConnection.nghttp2Settings, connectionWindow: 16 << 20, allocator: ByteBufferAllocator()),
+        client: NGHTTP2Handler(initialSettings: Pipelines.upstreamSettings, connectionWindow: 16 << 20, allocator: ByteBufferAllocator()),
         server: NIOHTTP2Handler(mode: .server, initialSettings: serverSettings))
     }
 

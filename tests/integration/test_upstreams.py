@@ -261,6 +261,8 @@ class RefusingBackend:
             threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
 
     def _connection(self, sock):
+        import socket as socketlib
+
         config, connection, events = self.h2
         c = connection.H2Connection(config=config.H2Configuration(client_side=False))
         c.initiate_connection()
@@ -276,6 +278,12 @@ class RefusingBackend:
                         if self.mode == "goaway":
                             c.close_connection(last_stream_id=0)
                             sock.sendall(c.data_to_send())
+                            # Closed as servers close after GOAWAY: what the proxy sends
+                            # meanwhile is read, so the kernel does not answer it with a
+                            # reset that may discard the GOAWAY before the proxy reads it.
+                            sock.shutdown(socketlib.SHUT_WR)
+                            while sock.recv(65536):
+                                pass
                             sock.close()
                             return
                         c.reset_stream(event.stream_id, error_code=7)  # REFUSED_STREAM

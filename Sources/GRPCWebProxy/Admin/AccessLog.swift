@@ -4,6 +4,7 @@ import NIOCore
 import NIOHPACK
 import NIOPosix
 import ProxyConfig
+import ProxyFilters
 
 /// What one call's access log line can say, gathered by the call as it goes (only when the
 /// connection manager has an access log: a call without one keeps none of this).

@@ -3,6 +3,7 @@ import NIOCore
 import NIOHPACK
 import NIOHTTP2
 import ProxyConfig
+import ProxyFilters
 
 /// The lifecycle of one call through the proxy, without its channels, its cluster or a clock:
 /// what goes upstream and when, which attempt holds a slot on the cluster, when the call is
@@ -307,9 +308,7 @@ struct CallStateMachine<Stream> {
   mutating func upstreamFailed(_ failure: CallFailure, connectFailure: Bool, beginRetry: () -> Bool) -> UpstreamAction {
     guard case .live(var live) = self.state, case .opening(let pending) = live.upstream else { return .none }
     self.state = .finished
-    if connectFailure, let policy = live.retryPolicy,
-      !policy.retryOn.isDisjoint(with: [.connectFailure, .serverError, .gatewayError, .reset])
-    {
+    if connectFailure, live.retryPolicy?.retriesConnectFailures == true {
       // Nothing was sent: all of the request so far is pending.
       live.replay = pending
       if let retry = self.retry(&live, outcome: nil, beginRetry: beginRetry) {
@@ -333,7 +332,7 @@ struct CallStateMachine<Stream> {
     guard case .live(var live) = self.state else { return .none }
     self.state = .finished
     if live.replay != nil, let policy = live.retryPolicy, live.retriesLeft > 0,
-      let outcome = Self.retriable(headers, endStream: endStream, policy: policy)
+      let outcome = policy.retriable(headers, endStream: endStream)
     {
       if endStream { Self.responseEnded(&live) }
       if let retry = self.retry(&live, outcome: outcome, beginRetry: beginRetry) {
@@ -344,7 +343,7 @@ struct CallStateMachine<Stream> {
     live.replay = nil
     if endStream {
       Self.responseEnded(&live)
-      live.outcome = Self.outcome(headers)
+      live.outcome = UpstreamOutcome.httpStatus(headers)
     } else if let status = headers.first(name: ":status"), status != "200" {
       live.outcome = Int(status)
     }
@@ -390,8 +389,7 @@ struct CallStateMachine<Stream> {
     guard case .live(var live) = self.state, case .open(let attempt) = live.upstream else { return .none }
     self.state = .finished
     live.upstream = .closed(attempt)
-    if !unprocessed, live.replay != nil, let policy = live.retryPolicy,
-      !policy.retryOn.isDisjoint(with: [.reset, .serverError, .gatewayError]),
+    if !unprocessed, live.replay != nil, live.retryPolicy?.retriesResets == true,
       let retry = self.retry(&live, outcome: 503, beginRetry: beginRetry)
     {
       self.state = .live(live)
@@ -530,50 +528,5 @@ struct CallStateMachine<Stream> {
       break
     }
     return cleanup
-  }
-
-  /// The answer as an HTTP status when `policy` says to try again on it: a 5xx head, or a
-  /// trailers-only gRPC status named in `retry_on`. Nil when the answer stands.
-  static func retriable(_ headers: HPACKHeaders, endStream: Bool, policy: Route.RetryPolicy) -> Int? {
-    let status = headers.first(name: ":status").flatMap { Int($0) } ?? 200
-    if status >= 500 {
-      if policy.retryOn.contains(.serverError) { return status }
-      if policy.retryOn.contains(.gatewayError) && (502...504).contains(status) { return status }
-    }
-    if policy.retryOn.contains(.retriableStatusCodes) && policy.retriableStatusCodes.contains(status) { return status }
-    guard endStream, let grpc = headers.first(name: "grpc-status").flatMap({ GRPCStatus(headerValue: $0) }) else { return nil }
-    let condition: Route.RetryPolicy.Condition?
-    switch grpc {
-    case .cancelled: condition = .cancelled
-    case .deadlineExceeded: condition = .deadlineExceeded
-    case .resourceExhausted: condition = .resourceExhausted
-    case .internalError: condition = .internalError
-    case .unavailable: condition = .unavailable
-    default: condition = nil
-    }
-    guard let condition, policy.retryOn.contains(condition) else { return nil }
-    return Self.outcome(headers)
-  }
-
-  /// An answer's trailers (or trailers-only headers) as the HTTP status Envoy's outlier detection
-  /// counts: grpc-status mapped to HTTP, or the `:status` of a non-gRPC answer.
-  static func outcome(_ headers: HPACKHeaders) -> Int? {
-    if let grpc = headers.first(name: "grpc-status") {
-      switch Int(grpc) ?? 2 {
-      case 0: return 200
-      case 1: return 499
-      case 3, 9, 11: return 400
-      case 4: return 504
-      case 5: return 404
-      case 6, 10: return 409
-      case 7: return 403
-      case 8: return 429
-      case 12: return 501
-      case 14: return 503
-      case 16: return 401
-      default: return 500
-      }
-    }
-    return headers.first(name: ":status").flatMap { Int($0) }
   }
 }

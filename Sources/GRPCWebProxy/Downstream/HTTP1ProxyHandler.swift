@@ -11,7 +11,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream, Drainabl
 
   private let runtime: ListenerRuntime
   private var call: ProxyCall?
-  private var flushScheduled = false
+  private var flushes = FlushCoalescer()
   private var context: ChannelHandlerContext?
   private var keepAlive = true
   private var responseEnded = true
@@ -225,10 +225,9 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream, Drainabl
   /// One flush per event-loop tick: a response's head, messages and end, written as separate
   /// upstream frames arrive in one read, go out in one write.
   func flush() {
-    guard !self.flushScheduled, let context = self.context else { return }
-    self.flushScheduled = true
+    guard let context = self.context, self.flushes.request() else { return }
     context.eventLoop.assumeIsolated().execute {
-      self.flushScheduled = false
+      self.flushes.flushing()
       self.context?.flush()
     }
   }

@@ -1,4 +1,3 @@
-import CNGHTTP2
 import GRPCWebCore
 import NIOCore
 import NIOHPACK
@@ -23,7 +22,7 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   private let runtime: ListenerRuntime
   private var streams: [HTTP2StreamID: HTTP2DownstreamStream] = [:]
   private var context: ChannelHandlerContext?
-  private var flushScheduled = false
+  private var flushes = FlushCoalescer()
   /// The highest stream the client opened: what GOAWAY names as the last one processed.
   private var lastStreamID = HTTP2StreamID(0)
   private var draining = false
@@ -35,51 +34,9 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
 
   private let tls: TLSSessionInfo?
 
-  /// The HTTP/2 codec towards clients: nghttp2 (NGHTTP2Handler), unless the environment
-  /// variable GRPC_WEB_PROXY_DOWNSTREAM_CODEC says `niohttp2`. With nghttp2 on both sides the
-  /// reference benchmark's 1 MiB scenario went from 0.83 to 1.01 of Envoy's work per CPU-second
-  /// and h2c unary from 2.07 to 2.55 (quick runs, same session): NIOHTTP2's decoder copies every
-  /// received byte once, nghttp2's hands DATA up in place.
-  static let usesNGHTTP2: Bool = {
-    guard let value = getenv("GRPC_WEB_PROXY_DOWNSTREAM_CODEC") else { return true }
-    return String(cString: value) != "niohttp2"
-  }()
-
   init(runtime: ListenerRuntime, tls: TLSSessionInfo? = nil) {
     self.tls = tls
     self.runtime = runtime
-  }
-
-  /// The HTTP/2 server handler for the connection, configured for this one.
-  ///
-  /// The header list size it advertises (and its decoder enforces) is twice the listener's limit
-  /// and room for HPACK's 32 bytes a header: a request between the limit and that gets 431 on its
-  /// own stream (ProxyCall), the connection carries on; beyond it nghttp2 resets that stream
-  /// (NIOHTTP2 ends the connection), so memory stays bounded.
-  static func http2Handler(limits: HeaderLimits, options: HTTP2Options, allocator: ByteBufferAllocator) -> any ChannelHandler {
-    let decoderLimit = min(2 * limits.maxBytes + 32 * min(limits.maxCount, 10_000), Int(UInt32.max))
-    if Self.usesNGHTTP2 {
-      // Over the limit, nghttp2 resets the stream rather than the connection.
-      let settings = [
-        nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS.rawValue), value: UInt32(options.maxConcurrentStreams)),
-        nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE.rawValue), value: UInt32(options.initialStreamWindow)),
-        nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE.rawValue), value: UInt32(decoderLimit)),
-      ]
-      return NGHTTP2Handler(mode: .server, initialSettings: settings, connectionWindow: options.initialConnectionWindow,
-        maxHeaderBlock: decoderLimit, allocator: allocator)
-    }
-    var configuration = NIOHTTP2Handler.ConnectionConfiguration()
-    configuration.initialSettings = [
-      HTTP2Setting(parameter: .maxConcurrentStreams, value: options.maxConcurrentStreams),
-      HTTP2Setting(parameter: .initialWindowSize, value: options.initialStreamWindow),
-      HTTP2Setting(parameter: .maxHeaderListSize, value: decoderLimit),
-    ]
-    // A block that size arrives as HEADERS and CONTINUATION frames of 16 KiB each.
-    configuration.maximumSequentialContinuationFrames = max(
-      5, decoderLimit / 16_384 + 1)
-    // Frames a client sends on streams the proxy has reset are ignored, not a protocol error.
-    configuration.maximumRecentlyResetStreams = 1000
-    return NIOHTTP2Handler(mode: .server, connectionConfiguration: configuration)
   }
 
   func handlerAdded(context: ChannelHandlerContext) {
@@ -88,7 +45,7 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
     if let idle = self.runtime.listener.idleTimeout { self.scheduleIdleCheck(in: .nanoseconds(idle.nanoseconds)) }
     // Added after protocol detection, the channel is already active (and NIOHTTP2 has sent
     // its preface): channelActive will not come.
-    if context.channel.isActive { self.raiseConnectionWindow(context: context, from: 65_535) }
+    if context.channel.isActive { self.raiseConnectionWindow(context: context, from: ConnectionReceiveWindow.initial) }
   }
 
   func handlerRemoved(context: ChannelHandlerContext) {
@@ -114,7 +71,7 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   }
 
   func channelActive(context: ChannelHandlerContext) {
-    self.raiseConnectionWindow(context: context, from: 65_535)
+    self.raiseConnectionWindow(context: context, from: ConnectionReceiveWindow.initial)
     context.fireChannelActive()
   }
 
@@ -124,12 +81,13 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
     switch frame.payload {
     case .headers(let headers):
       if let stream = self.streams[id] {
-        stream.requestEnded = true
+        stream.window.senderEnd()
         stream.call?.receiveEnd(trailers: headers.headers)
       } else {
         if id > self.lastStreamID { self.lastStreamID = id }
-        let stream = HTTP2DownstreamStream(id: id, connection: self, bufferLimit: self.runtime.listener.bufferLimit)
-        stream.requestEnded = headers.endStream
+        let stream = HTTP2DownstreamStream(
+          id: id, connection: self, bufferLimit: self.runtime.listener.bufferLimit, window: self.streamWindow)
+        if headers.endStream { stream.window.senderEnd() }
         let call = ProxyCall(
           runtime: self.runtime, eventLoop: context.eventLoop, allocator: context.channel.allocator, downstream: stream,
           connectionScheme: self.scheme)
@@ -139,18 +97,17 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
       }
     case .data(let data):
       guard let stream = self.streams[id] else { return }
+      // Ended before the call hears of it: its reply decides whether the stream must be reset.
+      if data.endStream { stream.window.senderEnd() }
       if case .byteBuffer(let buffer) = data.data, buffer.readableBytes > 0 {
-        if data.endStream { stream.requestEnded = true }
         stream.call?.receiveBody(buffer, endStream: data.endStream)
       } else if data.endStream {
-        stream.requestEnded = true
         stream.call?.receiveEnd(trailers: nil)
       }
-      if !data.endStream {
-        // Window goes back as the body is passed on, unless the backend is not taking it
-        // (HTTP2DownstreamStream.setReadingPaused): then the client stops at the stream window.
-        stream.owed += data.data.readableBytes + (data.paddingBytes ?? 0)
-        self.returnWindow(stream)
+      // Window goes back as the body is passed on, unless the backend is not taking it
+      // (HTTP2DownstreamStream.setReadingPaused): then the client stops at the stream window.
+      if !data.endStream, let increment = stream.window.received(data.data.readableBytes + (data.paddingBytes ?? 0), endStream: false) {
+        self.returnWindow(stream, increment)
       }
     case .rstStream:
       self.streams.removeValue(forKey: id)?.clientWentAway()
@@ -162,8 +119,11 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
     // Window changes first: NIOHTTP2 reports one for nearly every DATA frame.
     if let window = event as? NIOHTTP2WindowUpdatedEvent {
-      if window.streamID == .rootStream, let inbound = window.inboundWindowSize, inbound <= self.connectionWindow / 2 {
-        self.raiseConnectionWindow(context: context, from: inbound)
+      if window.streamID == .rootStream, let inbound = window.inboundWindowSize,
+        let increment = ConnectionReceiveWindow.topUp(size: self.connectionWindow, inbound: inbound)
+      {
+        context.write(self.wrapOutboundOut(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: increment))), promise: nil)
+        self.scheduleFlush()
       }
     } else if let closed = event as? StreamClosedEvent {
       // Both ends done, or reset: a call still running has lost its client.
@@ -232,12 +192,8 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
       protocolName: "HTTP/2", remote: self.context?.channel.remoteAddress, local: self.context?.channel.localAddress, tls: self.tls)
   }
 
-  fileprivate func returnWindow(_ stream: HTTP2DownstreamStream, force: Bool = false) {
-    guard !stream.readingPaused, !stream.requestEnded, stream.owed > 0,
-      force || stream.owed >= self.streamWindow / 2
-    else { return }
-    self.write(HTTP2Frame(streamID: stream.id, payload: .windowUpdate(windowSizeIncrement: stream.owed)))
-    stream.owed = 0
+  fileprivate func returnWindow(_ stream: HTTP2DownstreamStream, _ increment: Int) {
+    self.write(HTTP2Frame(streamID: stream.id, payload: .windowUpdate(windowSizeIncrement: increment)))
     self.scheduleFlush()
   }
 
@@ -259,10 +215,9 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   }
 
   fileprivate func scheduleFlush() {
-    guard !self.flushScheduled, let context = self.context else { return }
-    self.flushScheduled = true
+    guard let context = self.context, self.flushes.request() else { return }
     context.eventLoop.assumeIsolated().execute {
-      self.flushScheduled = false
+      self.flushes.flushing()
       self.writeCoalescedData()
       self.context?.flush()
     }
@@ -283,9 +238,11 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
     for stream in streams { stream.writeCoalesced() }
   }
 
+  /// With swift-nio-http2 as the codec: nghttp2 opens and tops up the connection's window itself
+  /// (Pipelines.http2ServerCodec gives it the size).
   private func raiseConnectionWindow(context: ChannelHandlerContext, from current: Int) {
     let increment = self.connectionWindow - current
-    guard increment > 0 else { return }
+    guard increment > 0, !Pipelines.downstreamUsesNGHTTP2 else { return }
     context.write(self.wrapOutboundOut(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: increment))), promise: nil)
     self.scheduleFlush()
   }
@@ -296,10 +253,9 @@ final class HTTP2DownstreamStream: DownstreamStream {
   let id: HTTP2StreamID
   private unowned let connection: HTTP2ProxyConnectionHandler
   var call: ProxyCall?
-  /// Request body bytes passed on but not yet given back as window.
-  var owed = 0
-  var requestEnded = false
-  var readingPaused = false
+  /// The request's receive window: given back as the body is passed on, held while the
+  /// backend is not taking it, and no more once the client ended the request.
+  var window: StreamReceiveWindow
   /// Response body bytes written to NIOHTTP2 and not yet sent: it holds DATA back while the
   /// client's window is shut. Above the listener's buffer limit the stream counts as not
   /// writable, and the call stops giving the backend window (ProxyCall.upstreamData), so a
@@ -307,10 +263,11 @@ final class HTTP2DownstreamStream: DownstreamStream {
   private var unsent = 0
   private let bufferLimit: Int
 
-  init(id: HTTP2StreamID, connection: HTTP2ProxyConnectionHandler, bufferLimit: Int) {
+  init(id: HTTP2StreamID, connection: HTTP2ProxyConnectionHandler, bufferLimit: Int, window: Int) {
     self.id = id
     self.connection = connection
     self.bufferLimit = bufferLimit
+    self.window = StreamReceiveWindow(size: window)
   }
 
   func clientWentAway() {
@@ -402,8 +359,7 @@ final class HTTP2DownstreamStream: DownstreamStream {
   }
 
   func setReadingPaused(_ paused: Bool) {
-    self.readingPaused = paused
-    if !paused { self.connection.returnWindow(self, force: true) }
+    if let increment = self.window.setPaused(paused) { self.connection.returnWindow(self, increment) }
   }
 
   func writeEnd(trailers: HPACKHeaders?) {
@@ -427,11 +383,11 @@ final class HTTP2DownstreamStream: DownstreamStream {
     }
     self.call = nil
     self.connection.finished(self.id)
-    guard !self.requestEnded, let loop = self.connection.eventLoop else {
+    guard !self.window.senderEnded, let loop = self.connection.eventLoop else {
       self.connection.write(frame)
       return
     }
-    self.requestEnded = true
+    self.window.senderEnd()
     let written = loop.makePromise(of: Void.self)
     self.connection.write(frame, promise: written)
     let id = self.id

@@ -4,6 +4,7 @@ import NIOCore
 import NIOHPACK
 import NIOHTTP2
 import ProxyConfig
+import ProxyFilters
 
 /// The client side of one call: an HTTP/1.1 connection's current request, or one HTTP/2
 /// stream. The call writes its response through this, whatever the protocol.

@@ -175,47 +175,6 @@ final class TLSHandshakeTracker {
   }
 }
 
-enum DownstreamTLSPipeline {
-  /// A TLS listener's connection: plaintext check, SNI, then the chain's TLS handler; once the
-  /// handshake is done, HTTP/2 or HTTP/1.1 by ALPN (or by the first bytes, without ALPN).
-  static func configure(
-    _ channel: any Channel, listener: TLSListener, codec: @escaping (Int) -> CodecType,
-    idleTimeout: @escaping (Int) -> TimeAmount? = { _ in nil },
-    configureHTTP: @escaping (ChannelHandlerContext, Int, ProtocolDetector.Detected, TLSSessionInfo) throws -> Void
-  ) throws {
-    let tracker = TLSHandshakeTracker(listener: listener, channel: channel)
-    let timeout = listener.chains.map(\.tls.handshakeTimeout).max() ?? DownstreamTLS.defaultHandshakeTimeout
-    tracker.start(timeout: timeout)
-    let sync = channel.pipeline.syncOperations
-    try sync.addHandler(PlaintextGuard(tracker: tracker))
-    let sni = SNIHandler { result in
-      let serverName: String?
-      if case .hostname(let name) = result { serverName = name } else { serverName = nil }
-      guard !tracker.isDone else { return channel.eventLoop.makeSucceededVoidFuture() }
-      guard let index = listener.chainIndex(serverName: serverName) else {
-        tracker.refuse(.noFilterChain(serverName: serverName))
-        return channel.eventLoop.makeSucceededVoidFuture()
-      }
-      tracker.choseChain(index)
-      let chain = listener.chains[index]
-      let ssl = NIOSSLServerHandler(context: chain.context.current)
-      let handshake = TLSServerHandshakeHandler(
-        tracker: tracker, chain: chain, codec: codec(index), idleTimeout: idleTimeout(index), sslHandler: ssl
-      ) {
-        context, proto, peerSubject in
-        try configureHTTP(context, index, proto, TLSSessionInfo(serverName: serverName, peerSubject: peerSubject))
-      }
-      do {
-        try channel.pipeline.syncOperations.addHandlers([ssl, handshake])
-      } catch {
-        tracker.refuse(.handshake("\(error)"))
-      }
-      return channel.eventLoop.makeSucceededVoidFuture()
-    }
-    try sync.addHandler(ByteToMessageHandler(sni))
-  }
-}
-
 /// The first handler of a TLS connection: a TLS connection starts with a handshake record
 /// (0x16). Anything else (a browser or curl sent to `http://` on a TLS port) gets a plain 400
 /// saying so, where the client can read it, and the connection is closed.

@@ -18,13 +18,6 @@ final class UpstreamTLSClient: Sendable {
       name: "cluster '\(cluster.name)'", statPrefix: "cluster.\(cluster.name)", origin: settings.origin, files: settings.files
     ) { try TLSContextFactory.clientContext(settings) }
   }
-
-  /// The TLS handler and the handshake watcher, in front of the connection's HTTP/2 handler.
-  func addHandlers(to pipeline: ChannelPipeline.SynchronousOperations, connection: UpstreamConnection) throws {
-    let ssl = try NIOSSLClientHandler(context: self.context.current, serverHostname: self.settings.sni)
-    try pipeline.addHandler(ssl)
-    try pipeline.addHandler(UpstreamTLSHandshakeHandler(settings: self.settings, connection: connection, sslHandler: ssl))
-  }
 }
 
 /// Reports a failed handshake to the connection as a connect failure that names the TLS error

@@ -5,6 +5,7 @@ import NIOCore
 import NIOHPACK
 import OTel
 import ProxyConfig
+import ProxyFilters
 import ServiceLifecycle
 import Tracing
 

@@ -1,4 +1,3 @@
-import CNGHTTP2
 import Logging
 import NIOCore
 import NIOHPACK
@@ -76,10 +75,7 @@ final class UpstreamConnection {
   /// A class, so that a frame costs one table lookup and no write-back.
   private final class StreamEntry {
     let delegate: any UpstreamStreamDelegate
-    /// Bytes received and passed on but not yet given back as window.
-    var owed: Int = 0
-    var paused = false
-    var peerEnded = false
+    var window = StreamReceiveWindow(size: UpstreamConnection.streamWindow)
 
     init(delegate: any UpstreamStreamDelegate) { self.delegate = delegate }
   }
@@ -87,39 +83,6 @@ final class UpstreamConnection {
   /// Receive window per stream (our SETTINGS_INITIAL_WINDOW_SIZE) and for the connection.
   static let streamWindow = 1 << 20
   static let connectionWindow = 16 << 20
-  static let maxRememberedResets = 4096
-
-  /// swift-nio-http2's defences against a hostile peer (at most 200 RST_STREAM, stream errors or
-  /// PING/SETTINGS frames in 30 s, then GOAWAY ENHANCE_YOUR_CALM) are meant for a server facing
-  /// clients. Here the peer is the proxy's own backend, and its resets are ordinary: grpc-go sends
-  /// RST_STREAM(NO_ERROR) for every call it answers before the request's END_STREAM arrives, and
-  /// pings for its window estimates. Counting them would throw away a healthy connection and
-  /// every call on it. The window of one nanosecond keeps the heuristics' bookkeeping (a queue of
-  /// at most a few timestamps) without ever tripping them.
-  static let streamConfiguration: NIOHTTP2Handler.StreamConfiguration = {
-    var configuration = NIOHTTP2Handler.StreamConfiguration()
-    configuration.streamResetFrameRateLimit.maximumCount = 64
-    configuration.streamResetFrameRateLimit.windowLength = .nanoseconds(1)
-    configuration.streamErrorRateLimit.maximumCount = 64
-    configuration.streamErrorRateLimit.windowLength = .nanoseconds(1)
-    return configuration
-  }()
-
-  /// The HTTP/2 codec towards backends: nghttp2 (NGHTTP2Handler), unless the environment
-  /// variable GRPC_WEB_PROXY_UPSTREAM_CODEC says `niohttp2`. On the reference benchmark nghttp2
-  /// did 1.2 to 1.6 times the work per CPU-second of NIOHTTP2 here, and it can send a header
-  /// block larger than one frame.
-  static let usesNGHTTP2: Bool = {
-    guard let value = getenv("GRPC_WEB_PROXY_UPSTREAM_CODEC") else { return true }
-    return String(cString: value) != "niohttp2"
-  }()
-
-  static let nghttp2Settings: [nghttp2_settings_entry] = [
-    nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_ENABLE_PUSH.rawValue), value: 0),
-    nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS.rawValue), value: 1000),
-    nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE.rawValue), value: UInt32(streamWindow)),
-    nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE.rawValue), value: 1 << 16),
-  ]
 
   let endpoint: HostAndPort
   private let eventLoop: any EventLoop
@@ -142,7 +105,14 @@ final class UpstreamConnection {
   private var pingTimeout: Scheduled<Void>?
   private var streams: [HTTP2StreamID: StreamEntry] = [:]
   private var nextStreamID: Int32 = 1
-  private var flushScheduled = false
+  private var flushes = FlushCoalescer()
+
+  /// Makes a connection's channel, in place of a socket: the tests put connections on
+  /// `EmbeddedChannel`s. The channel must end in `UpstreamFrameHandler`, whose activation reports
+  /// the connection ready; a connector that cannot make one calls `connectFailed`.
+  typealias Connector = (UpstreamConnection) -> Void
+
+  private let connector: Connector?
 
   init(
     endpoint: HostAndPort,
@@ -151,9 +121,11 @@ final class UpstreamConnection {
     logger: Logger,
     keepalive: (interval: ProxyDuration, timeout: ProxyDuration)? = nil,
     tls: UpstreamTLSClient? = nil,
+    connector: Connector? = nil,
     onConnected: @escaping () -> Void = {},
     onClose: @escaping (UpstreamConnection) -> Void
   ) {
+    self.connector = connector
     self.endpoint = endpoint
     self.eventLoop = eventLoop
     self.connectTimeout = connectTimeout
@@ -214,6 +186,10 @@ final class UpstreamConnection {
   }
 
   private func startConnecting() {
+    if let connector = self.connector {
+      connector(self)
+      return
+    }
     let address: SocketAddress
     do {
       if let path = self.endpoint.unixSocketPath {
@@ -243,34 +219,7 @@ final class UpstreamConnection {
     let future = bootstrap
       .channelInitializer { channel in
         channel.eventLoop.makeCompletedFuture {
-          var configuration = NIOHTTP2Handler.ConnectionConfiguration()
-          configuration.initialSettings = [
-            HTTP2Setting(parameter: .enablePush, value: 0),
-            HTTP2Setting(parameter: .maxConcurrentStreams, value: 1000),
-            HTTP2Setting(parameter: .initialWindowSize, value: UpstreamConnection.streamWindow),
-            HTTP2Setting(parameter: .maxHeaderListSize, value: 1 << 16),
-          ]
-          // When many calls are cancelled at once (clients gone), their responses may already be
-          // on the way. NIOHTTP2 ignores frames for streams it remembers resetting and treats
-          // the rest as a protocol error that kills the connection: remember them all.
-          configuration.maximumRecentlyResetStreams = UpstreamConnection.maxRememberedResets
-          // As for streamConfiguration below: the backend's pings and stream errors over a
-          // long-lived connection are not an attack on the proxy.
-          configuration.controlFrameRateLimit.maximumCount = 64
-          configuration.controlFrameRateLimit.windowLength = .nanoseconds(1)
-          configuration.maximumConnectionGlitches = .max
-          if let tls {
-            try tls.addHandlers(to: channel.pipeline.syncOperations, connection: bound.value)
-          }
-          if UpstreamConnection.usesNGHTTP2 {
-            try channel.pipeline.syncOperations.addHandler(
-              NGHTTP2Handler(initialSettings: UpstreamConnection.nghttp2Settings, connectionWindow: UpstreamConnection.connectionWindow,
-                allocator: channel.allocator))
-          } else {
-            try channel.pipeline.syncOperations.addHandler(
-              NIOHTTP2Handler(mode: .client, connectionConfiguration: configuration, streamConfiguration: UpstreamConnection.streamConfiguration))
-          }
-          try channel.pipeline.syncOperations.addHandler(UpstreamFrameHandler(connection: bound.value, awaitsTLS: tls != nil))
+          try Pipelines.upstream(channel, connection: bound.value, tls: tls)
         }
       }
       .connect(to: address)
@@ -293,9 +242,12 @@ final class UpstreamConnection {
     self.context = context
     self.onConnected()
     self.startKeepalive(context)
-    // The connection's receive window starts at 64 KiB whatever the settings say.
-    let raise = Self.connectionWindow - 65_535
-    context.write(NIOAny(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: raise))), promise: nil)
+    if !Pipelines.upstreamUsesNGHTTP2 {
+      // The connection's receive window starts at 64 KiB whatever the settings say; nghttp2
+      // opens and tops up its own (Pipelines.upstream gives it the size).
+      let raise = Self.connectionWindow - ConnectionReceiveWindow.initial
+      context.write(NIOAny(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: raise))), promise: nil)
+    }
     for (delegate, completion) in waiters {
       completion(self.register(delegate))
     }
@@ -362,7 +314,7 @@ final class UpstreamConnection {
     if listSize > self.peerMaxHeaderListSize {
       return "request headers of \(listSize) bytes are more than the backend accepts (its SETTINGS_MAX_HEADER_LIST_SIZE is \(self.peerMaxHeaderListSize))"
     }
-    if encodedBound > self.peerMaxFrameSize && !Self.usesNGHTTP2 {
+    if encodedBound > self.peerMaxFrameSize && !Pipelines.upstreamUsesNGHTTP2 {
       return "request headers of up to \(encodedBound) bytes encoded do not fit the backend's HTTP/2 frame size (\(self.peerMaxFrameSize))"
     }
     return nil
@@ -388,27 +340,22 @@ final class UpstreamConnection {
   }
 
   fileprivate func setPaused(_ paused: Bool, stream id: HTTP2StreamID) {
-    guard let entry = self.streams[id] else { return }
-    entry.paused = paused
-    if !paused { self.returnWindow(id, entry) }
+    guard let entry = self.streams[id], let increment = entry.window.setPaused(paused) else { return }
+    self.returnWindow(id, increment)
   }
 
   /// One flush per event-loop tick, however many calls wrote in it.
   private func scheduleFlush() {
-    guard !self.flushScheduled else { return }
-    self.flushScheduled = true
+    guard self.flushes.request() else { return }
     self.eventLoop.assumeIsolated().execute {
-      self.flushScheduled = false
+      self.flushes.flushing()
       self.openContext?.flush()
     }
   }
 
-  private func returnWindow(_ id: HTTP2StreamID, _ entry: StreamEntry) {
-    guard !entry.paused && !entry.peerEnded && entry.owed >= Self.streamWindow / 2,
-      let context = self.openContext, self.streams[id] === entry
-    else { return }
-    context.write(NIOAny(HTTP2Frame(streamID: id, payload: .windowUpdate(windowSizeIncrement: entry.owed))), promise: nil)
-    entry.owed = 0
+  private func returnWindow(_ id: HTTP2StreamID, _ increment: Int) {
+    guard let context = self.openContext else { return }
+    context.write(NIOAny(HTTP2Frame(streamID: id, payload: .windowUpdate(windowSizeIncrement: increment))), promise: nil)
     self.scheduleFlush()
   }
 
@@ -418,17 +365,18 @@ final class UpstreamConnection {
     switch frame.payload {
     case .headers(let headers):
       guard let entry = self.streams[frame.streamID] else { return }
-      if headers.endStream { entry.peerEnded = true }
+      if headers.endStream { entry.window.senderEnd() }
       entry.delegate.upstreamHeaders(headers.headers, endStream: headers.endStream)
     case .data(let data):
       let length = data.data.readableBytes + (data.paddingBytes ?? 0)
       guard let entry = self.streams[frame.streamID] else { return }
-      entry.owed += length
-      entry.peerEnded = entry.peerEnded || data.endStream
       if case .byteBuffer(let buffer) = data.data {
         entry.delegate.upstreamData(buffer, endStream: data.endStream)
       }
-      self.returnWindow(frame.streamID, entry)
+      // After the call had the data: it may have paused the stream, or ended and let it go.
+      if self.streams[frame.streamID] === entry, let increment = entry.window.received(length, endStream: data.endStream) {
+        self.returnWindow(frame.streamID, increment)
+      }
     case .rstStream(let code):
       guard let entry = self.streams.removeValue(forKey: frame.streamID) else { return }
       entry.delegate.upstreamClosed(reason: code == .refusedStream ? "remote refused stream reset" : "remote reset",
@@ -466,8 +414,9 @@ final class UpstreamConnection {
   /// consumed: DATA for a stream already reset never reaches a call, and counting consumption
   /// would leak that window until the backend could send nothing at all.
   fileprivate func connectionWindowChanged(inbound: Int) {
-    guard inbound <= Self.connectionWindow / 2, let context = self.openContext else { return }
-    let increment = Self.connectionWindow - inbound
+    guard let increment = ConnectionReceiveWindow.topUp(size: Self.connectionWindow, inbound: inbound),
+      let context = self.openContext
+    else { return }
     context.write(NIOAny(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: increment))), promise: nil)
     self.scheduleFlush()
   }

@@ -80,11 +80,15 @@ final class LoopUpstreams {
 
   /// The loop's stats (cluster.<name>.upstream_cx_*, upstream_rq_total, retries).
   let stats: LoopStats
+  /// Makes connections' channels in place of sockets (the tests' `EmbeddedChannel`s).
+  private let connector: UpstreamConnection.Connector?
 
   init(
     eventLoop: any EventLoop, clusters: [Cluster], logger: Logger, events: UpstreamEvents = .init(),
-    counters: [String: ClusterCounters] = [:], tls: [String: UpstreamTLSClient] = [:], stats: LoopStats = LoopStats()
+    counters: [String: ClusterCounters] = [:], tls: [String: UpstreamTLSClient] = [:], stats: LoopStats = LoopStats(),
+    connector: UpstreamConnection.Connector? = nil
   ) {
+    self.connector = connector
     self.stats = stats
     self.eventLoop = eventLoop
     self.logger = logger
@@ -298,6 +302,7 @@ final class LoopUpstreams {
       logger: self.logger,
       keepalive: state.config.keepalive,
       tls: state.tls,
+      connector: self.connector,
       onConnected: { events.connected(cluster, endpoint) }
     ) { [weak state] closed in
       counters.connections.subtract(1, ordering: .relaxed)

@@ -1,3 +1,4 @@
+import GRPCWebCore
 import ProxyConfig
 
 /// When a call times out and what the upstream is told, following Envoy's router and

@@ -1,4 +1,5 @@
-@testable import GRPCWebCore
+import GRPCWebCore
+@testable import ProxyFilters
 import NIOHPACK
 import ProxyConfig
 import Testing

@@ -1,4 +1,5 @@
 import GRPCWebCore
+import ProxyFilters
 import NIOHPACK
 import ProxyConfig
 import Testing

@@ -1,0 +1,304 @@
+import GRPCWebCore
+import Logging
+import NIOCore
+import NIOEmbedded
+import NIOHPACK
+import NIOHTTP2
+import ProxyConfig
+import ProxyFilters
+import Testing
+
+@testable import GRPCWebProxy
+
+/// The whole call path without a socket or the wall clock: a client's HTTP/2 frames into
+/// `HTTP2ProxyConnectionHandler` on one `EmbeddedChannel`, the calls through `ProxyCall`, the
+/// backend's frames in and out of `UpstreamConnection` on others, all on one
+/// `EmbeddedEventLoop` whose time the tests move (deadlines, retry back-offs).
+@Suite struct CallPathTests {
+  static let yaml = """
+    static_resources:
+      listeners:
+      - name: test
+        address: { socket_address: { address: 127.0.0.1, port_value: 8080 } }
+        filter_chains:
+        - filters:
+          - name: envoy.filters.network.http_connection_manager
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+              codec_type: HTTP2
+              stat_prefix: test
+              route_config:
+                virtual_hosts:
+                - name: all
+                  domains: ["*"]
+                  routes:
+                  - match: { prefix: "/demo.User/retried" }
+                    route: { cluster: backend, retry_policy: { retry_on: 5xx, num_retries: 1 } }
+                  - match: { prefix: "/demo.User/slow" }
+                    route: { cluster: backend, timeout: 0.2s }
+                  - match: { prefix: "/" }
+                    route: { cluster: backend }
+              http_filters:
+              - name: envoy.filters.http.grpc_web
+                typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_web.v3.GrpcWeb }
+              - name: envoy.filters.http.router
+                typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
+      clusters:
+      - name: backend
+        connect_timeout: 1s
+        type: STATIC
+        typed_extension_protocol_options:
+          envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+            "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+            explicit_http_config: { http2_protocol_options: {} }
+        load_assignment:
+          cluster_name: backend
+          endpoints:
+          - lb_endpoints:
+            - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 50051 } } }
+    """
+
+  /// The proxy's side of one client connection, and the backend connections it makes.
+  final class Rig {
+    let loop = EmbeddedEventLoop()
+    let client: EmbeddedChannel
+    /// One per upstream connection, in the order the proxy made them.
+    var backends: [EmbeddedChannel] = []
+    /// The loop's downstream connections, as the server drains them.
+    let connections = LoopConnections()
+
+    init() throws {
+      let config = try ConfigLoader.load(yaml: CallPathTests.yaml).configuration
+      let logger = Logger(label: "test")
+      let loop = self.loop
+      var made: [EmbeddedChannel] = []
+      let upstreams = LoopUpstreams(eventLoop: loop, clusters: config.clusters, logger: logger) { connection in
+        let channel = EmbeddedChannel(loop: loop)
+        try! channel.pipeline.syncOperations.addHandler(UpstreamFrameHandler(connection: connection))
+        made.append(channel)
+        _ = channel.connect(to: try! SocketAddress(ipAddress: "127.0.0.1", port: 50051))
+      }
+      let endpoint = HostAndPort(host: "127.0.0.1", port: 50051)
+      upstreams.setEndpoints(.init(all: [endpoint], usable: [endpoint], version: 1), forCluster: "backend")
+      let listener = config.listeners[0]
+      let runtime = ListenerRuntime(
+        listener: listener, routes: RouteTable(listener.routeConfig), upstreams: upstreams, connections: self.connections,
+        logger: logger, maxTextFrameSize: 4 << 20)
+      self.client = EmbeddedChannel(loop: loop)
+      try self.client.pipeline.syncOperations.addHandler(HTTP2ProxyConnectionHandler(runtime: runtime))
+      try self.client.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 8080)).wait()
+      self.madeBackends = { made }
+      self.settle()
+      _ = self.clientFrames()  // the connection window's raise
+    }
+
+    private var madeBackends: () -> [EmbeddedChannel] = { [] }
+
+    /// Runs what the loop has queued (the coalesced flushes), then returns the backend
+    /// connections made so far.
+    func settle() {
+      self.loop.run()
+      self.backends = self.madeBackends()
+    }
+
+    /// A whole unary request on stream 1: its headers, then its one message with END_STREAM.
+    func clientSendsUnary(_ path: String) throws {
+      try self.clientSends(CallPathTests.request(path), stream: 1)
+      try self.clientSends(CallPathTests.data(CallPathTests.message, end: true), stream: 1)
+    }
+
+    func clientSends(_ payload: HTTP2Frame.FramePayload, stream: Int) throws {
+      try self.client.writeInbound(HTTP2Frame(streamID: HTTP2StreamID(stream), payload: payload))
+      self.settle()
+    }
+
+    func backendSends(_ payload: HTTP2Frame.FramePayload, stream: Int, on connection: Int = 0) throws {
+      try self.backends[connection].writeInbound(HTTP2Frame(streamID: HTTP2StreamID(stream), payload: payload))
+      self.settle()
+    }
+
+    func clientFrames() -> [HTTP2Frame] { Self.drain(self.client) }
+
+    /// What the proxy wrote to a backend connection, without the connection's window raise.
+    func backendFrames(_ connection: Int = 0) -> [HTTP2Frame] {
+      Self.drain(self.backends[connection]).filter { !($0.streamID == .rootStream && $0.isWindowUpdate) }
+    }
+
+    private static func drain(_ channel: EmbeddedChannel) -> [HTTP2Frame] {
+      var frames: [HTTP2Frame] = []
+      while let frame = try? channel.readOutbound(as: HTTP2Frame.self) { frames.append(frame) }
+      return frames
+    }
+  }
+
+  static func request(_ path: String, headers extra: [(String, String)] = []) -> HTTP2Frame.FramePayload {
+    var headers: HPACKHeaders = [
+      ":method": "POST", ":scheme": "http", ":authority": "proxy", ":path": path,
+      "content-type": "application/grpc-web+proto", "x-grpc-web": "1",
+    ]
+    for (name, value) in extra { headers.add(name: name, value: value) }
+    return .headers(.init(headers: headers))
+  }
+
+  static let message: [UInt8] = [0, 0, 0, 0, 4, 0x0A, 0x02, 0x68, 0x69]
+
+  static func data(_ bytes: [UInt8], end: Bool) -> HTTP2Frame.FramePayload {
+    .data(.init(data: .byteBuffer(ByteBuffer(bytes: bytes)), endStream: end))
+  }
+
+  static let responseHead: HTTP2Frame.FramePayload = .headers(.init(headers: [":status": "200", "content-type": "application/grpc"]))
+  static func trailers(_ status: String) -> HTTP2Frame.FramePayload { .headers(.init(headers: ["grpc-status": status], endStream: true)) }
+
+  @Test func aUnaryCallGoesUpstreamWithItsLastMessageCarryingEndStreamAndComesBackAsGRPCWeb() throws {
+    let rig = try Rig()
+    try rig.clientSendsUnary("/demo.User/login")
+    #expect(rig.backends.count == 1)
+    let sent = rig.backendFrames()
+    #expect(sent.map(\.summary) == ["HEADERS 1", "DATA 1 9 END"], "one DATA frame with END_STREAM: no empty frame after it")
+    if case .headers(let head) = sent.first?.payload {
+      #expect(head.headers.first(name: "content-type") == "application/grpc")
+      #expect(head.headers.first(name: "te") == "trailers")
+    }
+    try rig.backendSends(Self.responseHead, stream: 1)
+    try rig.backendSends(Self.data(Self.message, end: false), stream: 1)
+    try rig.backendSends(Self.trailers("0"), stream: 1)
+    let answer = rig.clientFrames()
+    // The message, then the trailers as a gRPC-Web trailer frame (5 + "grpc-status:0\r\n").
+    #expect(answer.map(\.summary) == ["HEADERS 1", "DATA 1 9", "DATA 1 20 END"])
+    if case .headers(let head) = answer.first?.payload {
+      #expect(head.headers.first(name: "content-type") == "application/grpc-web+proto")
+    }
+    #expect(rig.backendFrames().isEmpty, "both sides ended: the stream is not reset")
+  }
+
+  @Test func theRouteTimeoutEndsACallOnVirtualTimeAndResetsItsUpstreamStream() throws {
+    let rig = try Rig()
+    try rig.clientSendsUnary("/demo.User/slow")
+    _ = rig.backendFrames()
+    rig.loop.advanceTime(by: .milliseconds(199))
+    rig.settle()
+    #expect(rig.clientFrames().isEmpty, "not yet")
+    rig.loop.advanceTime(by: .milliseconds(1))
+    rig.settle()
+    let answer = rig.clientFrames()
+    guard case .headers(let head) = answer.first?.payload else { Issue.record("a local reply: \(answer.map(\.summary))"); return }
+    #expect(head.headers.first(name: ":status") == "504")
+    #expect(head.headers.first(name: "grpc-message") == "upstream request timeout")
+    #expect(head.endStream)
+    #expect(rig.backendFrames().map(\.summary) == ["RST_STREAM 1 CANCEL"])
+  }
+
+  @Test func a503IsRetriedAfterTheBackOffOnANewStreamAndTheClientSeesOnlyTheSecondAnswer() throws {
+    let rig = try Rig()
+    try rig.clientSendsUnary("/demo.User/retried")
+    _ = rig.backendFrames()
+    try rig.backendSends(.headers(.init(headers: [":status": "503"], endStream: true)), stream: 1)
+    #expect(rig.clientFrames().isEmpty, "the client does not see the first attempt")
+    #expect(rig.backendFrames().isEmpty, "nothing is sent again before the back-off")
+    rig.loop.advanceTime(by: .milliseconds(25))  // the first back-off is at most 25 ms
+    rig.settle()
+    #expect(rig.backendFrames().map(\.summary) == ["HEADERS 3", "DATA 3 9 END"], "the same request on the next stream")
+    try rig.backendSends(Self.responseHead, stream: 3)
+    try rig.backendSends(Self.trailers("0"), stream: 3)
+    let answer = rig.clientFrames()
+    #expect(answer.first?.summary == "HEADERS 1")
+    if case .headers(let head) = answer.first?.payload { #expect(head.headers.first(name: ":status") == "200") }
+  }
+
+  @Test func anEarlyReplyResetsTheUpstreamStreamAndStopsTheClientOnceTheLastFrameIsOut() throws {
+    let rig = try Rig()
+    try rig.clientSends(Self.request("/demo.User/login"), stream: 1)
+    try rig.clientSends(Self.data(Self.message, end: false), stream: 1)
+    _ = rig.backendFrames()
+    try rig.backendSends(.headers(.init(headers: [":status": "200", "content-type": "application/grpc", "grpc-status": "7"], endStream: true)), stream: 1)
+    #expect(rig.backendFrames().map(\.summary) == ["RST_STREAM 1 CANCEL"], "the request had not ended")
+    let answer = rig.clientFrames()
+    #expect(answer.map(\.summary) == ["HEADERS 1 END", "RST_STREAM 1 NO_ERROR"], "RFC 9113 8.1: the client stops sending")
+  }
+
+  @Test func aCallAboveTheBackendsGoAwayGoesToANewConnection() throws {
+    let rig = try Rig()
+    try rig.clientSendsUnary("/demo.User/login")
+    _ = rig.backendFrames()
+    try rig.backendSends(.goAway(lastStreamID: 0, errorCode: .noError, opaqueData: nil), stream: 0)
+    #expect(rig.backends.count == 2, "a new connection for the call the server never processed")
+    #expect(rig.backendFrames(1).map(\.summary) == ["HEADERS 1", "DATA 1 9 END"])
+    try rig.backendSends(Self.responseHead, stream: 1, on: 1)
+    try rig.backendSends(Self.trailers("0"), stream: 1, on: 1)
+    #expect(rig.clientFrames().first?.summary == "HEADERS 1")
+  }
+
+  @Test func requestWindowGoesBackInUpdatesOfHalfTheStreamWindow() throws {
+    let rig = try Rig()
+    try rig.clientSends(Self.request("/demo.User/login"), stream: 1)
+    let half = 512 * 1024  // the listener's default stream window is 1 MiB
+    try rig.clientSends(Self.data(Array(repeating: 0, count: half - 1), end: false), stream: 1)
+    #expect(rig.clientFrames().isEmpty, "less than half the window used")
+    try rig.clientSends(Self.data([0], end: false), stream: 1)
+    #expect(rig.clientFrames().map(\.summary) == ["WINDOW_UPDATE 1 524288"])
+  }
+
+  @Test func aDrainLetsTheCallInFlightFinishThenClosesTheConnection() throws {
+    let rig = try Rig()
+    try rig.clientSendsUnary("/demo.User/login")
+    rig.connections.startDrain()
+    rig.settle()
+    guard case .goAway(let last, let code, _) = rig.clientFrames().first?.payload else { Issue.record("GOAWAY first"); return }
+    #expect(last == 1 && code == .noError, "stream 1 will be answered; later ones are refused")
+    #expect(rig.client.isActive)
+    try rig.backendSends(Self.responseHead, stream: 1)
+    try rig.backendSends(Self.trailers("0"), stream: 1)
+    #expect(rig.clientFrames().map(\.summary) == ["HEADERS 1", "DATA 1 20 END"])
+    #expect(!rig.client.isActive, "closed once its last call ended")
+  }
+
+  @Test func aCallThatOutlivesTheDrainTimeEndsWithAStatusTheClientCanRead() throws {
+    let rig = try Rig()
+    try rig.clientSendsUnary("/demo.User/login")
+    try rig.backendSends(Self.responseHead, stream: 1)
+    _ = rig.clientFrames()
+    _ = rig.backendFrames()
+    rig.connections.endCalls(.shuttingDown)
+    rig.settle()
+    let frames = rig.clientFrames()
+    #expect(frames.map(\.summary).contains("GOAWAY"))
+    guard let last = frames.last(where: { if case .data = $0.payload { return true } else { return false } }),
+      case .data(let data) = last.payload, case .byteBuffer(let body) = data.data
+    else { Issue.record("a trailer frame: \(frames.map(\.summary))"); return }
+    #expect(data.endStream)
+    #expect(String(decoding: body.readableBytesView.dropFirst(5), as: UTF8.self).contains("grpc-status:14"))
+    #expect(rig.backendFrames().map(\.summary) == ["RST_STREAM 1 CANCEL"])
+  }
+
+  @Test func aClientThatResetsItsStreamCancelsTheUpstreamStream() throws {
+    let rig = try Rig()
+    try rig.clientSendsUnary("/demo.User/login")
+    _ = rig.backendFrames()
+    try rig.clientSends(.rstStream(.cancel), stream: 1)
+    #expect(rig.backendFrames().map(\.summary) == ["RST_STREAM 1 CANCEL"])
+    try rig.backendSends(Self.responseHead, stream: 1)
+    #expect(rig.clientFrames().isEmpty, "a late answer goes nowhere")
+  }
+}
+
+extension HTTP2Frame {
+  var isWindowUpdate: Bool {
+    if case .windowUpdate = self.payload { return true }
+    return false
+  }
+
+  /// The frame's type, stream and what matters of it, for comparing sequences.
+  var summary: String {
+    let id = "\(Int(self.streamID))"
+    switch self.payload {
+    case .headers(let h): return "HEADERS \(id)\(h.endStream ? " END" : "")"
+    case .data(let d): return "DATA \(id) \(d.data.readableBytes)\(d.endStream ? " END" : "")"
+    case .rstStream(let code): return "RST_STREAM \(id) \(code == .cancel ? "CANCEL" : code == .noError ? "NO_ERROR" : "\(code)")"
+    case .windowUpdate(let increment): return "WINDOW_UPDATE \(id) \(increment)"
+    case .goAway: return "GOAWAY"
+    case .settings: return "SETTINGS"
+    case .ping: return "PING"
+    default: return "other \(id)"
+    }
+  }
+}
