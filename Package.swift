@@ -86,7 +86,12 @@ let package = Package(
         .product(name: "Tracing", package: "swift-distributed-tracing"),
         .product(name: "Instrumentation", package: "swift-distributed-tracing"),
       ],
-      swiftSettings: defaultSwiftSettings
+      // Release builds leave out the run-time exclusivity checks of this module's class
+      // properties: on the call path they cost 9 % of a unary call's instructions and 12 % of a
+      // streamed message's (`scripts/count-per-call h2` 197,464 → 179,614, `stream` 6,834 →
+      // 6,035 a message). Everything here runs on one event loop per object; debug builds,
+      // which every test runs, keep the checks and trap on a violation.
+      swiftSettings: defaultSwiftSettings + [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
     ),
     // The demo.User example backend (login/logout) and a test service.
     .target(

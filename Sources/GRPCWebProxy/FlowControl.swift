@@ -24,6 +24,7 @@ struct StreamReceiveWindow {
 
   /// `bytes` of the stream's DATA (padding included) were passed on. Returns the increment of
   /// the WINDOW_UPDATE to send now, if any.
+  @inline(__always)
   mutating func received(_ bytes: Int, endStream: Bool) -> Int? {
     if endStream {
       self.senderEnded = true

@@ -36,6 +36,8 @@ import Testing
                     route: { cluster: backend, retry_policy: { retry_on: 5xx, num_retries: 1 } }
                   - match: { prefix: "/demo.User/slow" }
                     route: { cluster: backend, timeout: 0.2s }
+                  - match: { prefix: "/demo.User/idle" }
+                    route: { cluster: backend, idle_timeout: 0.3s }
                   - match: { prefix: "/" }
                     route: { cluster: backend }
               http_filters:
@@ -185,6 +187,27 @@ import Testing
     #expect(head.headers.first(name: ":status") == "504")
     #expect(head.headers.first(name: "grpc-message") == "upstream request timeout")
     #expect(head.endStream)
+    #expect(rig.backendFrames().map(\.summary) == ["RST_STREAM 1 CANCEL"])
+  }
+
+  @Test func aStreamIdleTimeoutCountsFromTheLastFrameOnTheLoopsClock() throws {
+    let rig = try Rig()
+    try rig.clientSendsUnary("/demo.User/idle")
+    _ = rig.backendFrames()
+    rig.loop.advanceTime(by: .milliseconds(200))
+    try rig.backendSends(Self.responseHead, stream: 1)
+    _ = rig.clientFrames()
+    rig.loop.advanceTime(by: .milliseconds(250))
+    rig.settle()
+    #expect(rig.clientFrames().isEmpty, "250 ms since the head: not idle for 300 ms yet")
+    rig.loop.advanceTime(by: .milliseconds(50))
+    rig.settle()
+    let frames = rig.clientFrames()
+    guard case .data(let data) = frames.first?.payload, case .byteBuffer(let body) = data.data else {
+      Issue.record("a trailer frame: \(frames.map(\.summary))"); return
+    }
+    #expect(data.endStream)
+    #expect(String(decoding: body.readableBytesView.dropFirst(5), as: UTF8.self).contains("grpc-status:4"), "after the head: DEADLINE_EXCEEDED")
     #expect(rig.backendFrames().map(\.summary) == ["RST_STREAM 1 CANCEL"])
   }
 

@@ -1,4 +1,6 @@
 import GRPCWebCore
+import Logging
+import NIOEmbedded
 import NIOCore
 import NIOHPACK
 import NIOHTTP2
@@ -7,10 +9,10 @@ import Testing
 
 @testable import GRPCWebProxy
 
-/// One call's lifecycle, driven event by event with strings for the upstream streams: no
-/// channel, no cluster, no clock.
+/// One call's lifecycle, driven event by event: no channel, no cluster, no clock. Streams are
+/// written as strings ("s1" is stream 1 of a connection that is never opened).
 @Suite struct CallStateMachineTests {
-  typealias Machine = CallStateMachine<String>
+  typealias Machine = CallStateMachine
   let allocator = ByteBufferAllocator()
 
   func machine(
@@ -164,10 +166,10 @@ import Testing
       guard case .replay(let previous) = m.upstreamClosed(reason: "connection termination", unprocessed: true, beginRetry: { true }) else {
         Issue.record("replay \(n)"); return
       }
-      #expect(previous.stream == "s\(n)")
+      #expect(previous.stream == UpstreamStream(stringLiteral: "s\(n)"))
       #expect(previous.close == nil, "the stream is gone already")
       #expect(previous.outcome == nil, "the endpoint is not to blame")
-      guard case .write(let frames, _) = m.upstreamOpened("s\(n + 1)") else { Issue.record("sent again"); return }
+      guard case .write(let frames, _) = m.upstreamOpened(UpstreamStream(stringLiteral: "s\(n + 1)")) else { Issue.record("sent again"); return }
       #expect(Self.describe(frames) == ["HEADERS", "DATA 9 END"])
     }
     guard case .finish(let finish) = m.upstreamClosed(reason: "connection termination", unprocessed: true, beginRetry: { true }) else {
@@ -295,5 +297,17 @@ extension HPACKHeaders {
     var copy = HPACKHeaders([(name, value)])
     copy.add(contentsOf: self)
     return copy
+  }
+}
+
+/// A connection for the streams the tests name; it is never opened.
+nonisolated(unsafe) private let testConnection = UpstreamConnection(
+  endpoint: HostAndPort(host: "127.0.0.1", port: 1), eventLoop: EmbeddedEventLoop(), connectTimeout: .seconds(1),
+  logger: Logger(label: "test"), onClose: { _ in })
+
+extension UpstreamStream: ExpressibleByStringLiteral {
+  /// "s3" is stream 3; any other name is stream 99.
+  public init(stringLiteral name: String) {
+    self.init(connection: testConnection, id: HTTP2StreamID(Int(name.dropFirst()) ?? 99))
   }
 }

@@ -67,7 +67,7 @@ final class ProxyCall: UpstreamStreamDelegate {
   private let eventLoop: any EventLoop
   private let allocator: ByteBufferAllocator
   private weak var downstream: (any DownstreamStream)?
-  private var machine: CallStateMachine<UpstreamStream>
+  private var machine: CallStateMachine
   private var corsHeaders: HPACKHeaders?
   /// The route's `response_headers_to_add/remove`, with the request they may quote.
   private var responseMutations: (levels: [HeaderMutations], request: HPACKHeaders)?
@@ -419,7 +419,7 @@ final class ProxyCall: UpstreamStreamDelegate {
     self.runtime.upstreams.beginRetry(cluster: self.clusterName)
   }
 
-  private func forward(_ action: CallStateMachine<UpstreamStream>.BodyAction) {
+  private func forward(_ action: CallStateMachine.BodyAction) {
     switch action {
     case .drop:
       break
@@ -436,7 +436,8 @@ final class ProxyCall: UpstreamStreamDelegate {
     }
   }
 
-  private func perform(_ action: CallStateMachine<UpstreamStream>.UpstreamAction) {
+  @inline(__always)
+  private func perform(_ action: CallStateMachine.UpstreamAction) {
     switch action {
     case .none:
       break
@@ -460,7 +461,7 @@ final class ProxyCall: UpstreamStreamDelegate {
   }
 
   /// The attempt's slot goes back to its cluster, then its stream is let go.
-  private func endAttempt(_ attempt: CallStateMachine<UpstreamStream>.AttemptEnd) {
+  private func endAttempt(_ attempt: CallStateMachine.AttemptEnd) {
     self.runtime.upstreams.callEnded(cluster: self.clusterName, endpoint: attempt.stream.connection.endpoint, status: attempt.outcome)
     switch attempt.close {
     case .release: attempt.stream.release()
@@ -526,7 +527,7 @@ final class ProxyCall: UpstreamStreamDelegate {
 
   // MARK: - Writing the response
 
-  private func finish(_ finish: CallStateMachine<UpstreamStream>.Finish) {
+  private func finish(_ finish: CallStateMachine.Finish) {
     self.write(finish.output)
     self.cleanUp(finish.cleanup)
   }
@@ -639,7 +640,7 @@ final class ProxyCall: UpstreamStreamDelegate {
 
   /// The call has ended: record it, stop the timers, and give back what it holds (its slot on
   /// the cluster, its upstream stream, a retry slot), reading the client again if it was paused.
-  private func cleanUp(_ cleanup: CallStateMachine<UpstreamStream>.Cleanup) {
+  private func cleanUp(_ cleanup: CallStateMachine.Cleanup) {
     self.recordStats()
     // The rest of the request is read and dropped (or, on HTTP/1.1, the next one read).
     if cleanup.resumeReading { self.downstream?.setReadingPaused(false) }

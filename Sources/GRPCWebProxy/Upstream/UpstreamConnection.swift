@@ -32,9 +32,13 @@ extension UpstreamStreamDelegate {
 }
 
 /// A call's stream on an upstream connection: the handle the call writes through.
-struct UpstreamStream {
+struct UpstreamStream: Equatable {
   let connection: UpstreamConnection
   let id: HTTP2StreamID
+
+  static func == (a: UpstreamStream, b: UpstreamStream) -> Bool {
+    a.connection === b.connection && a.id == b.id
+  }
 
   func write(_ payload: HTTP2Frame.FramePayload) {
     self.connection.write(payload, on: self.id)
@@ -374,7 +378,7 @@ final class UpstreamConnection {
         entry.delegate.upstreamData(buffer, endStream: data.endStream)
       }
       // After the call had the data: it may have paused the stream, or ended and let it go.
-      if self.streams[frame.streamID] === entry, let increment = entry.window.received(length, endStream: data.endStream) {
+      if let increment = entry.window.received(length, endStream: data.endStream), self.streams[frame.streamID] === entry {
         self.returnWindow(frame.streamID, increment)
       }
     case .rstStream(let code):
