@@ -98,7 +98,7 @@ public final class ProxyServer: Service {
         let upstreams = LoopUpstreams(eventLoop: loop, clusters: config.clusters, logger: logger, events: events, counters: counters,
           tls: tls.upstream, stats: stats)
         directory.register(NIOLoopBound(upstreams, eventLoop: loop))
-        let connections = LoopConnections()
+        let connections = LoopConnections(eventLoop: loop)
         let listeners = zip(config.listeners, routeTables).map { listener, tables in
           zip([listener] + listener.otherChains, tables).map {
             let runtime = ListenerRuntime(listener: $0, routes: $1, upstreams: upstreams, connections: connections, logger: logger,
@@ -199,27 +199,33 @@ public final class ProxyServer: Service {
     self.status.setDraining()
     logger.info("draining: /ready is 503, listeners closed; calls in progress get up to \(self.drainTime)")
     for channel in channels.dropLast(config.admin?.address == nil ? 0 : 1) { try? await channel.close() }
+    // Each loop drains its connections and, at the drain time on its own clock, ends the calls
+    // still open with a status the client can read (LoopConnections.drain). This waits until
+    // the connections are gone, one second longer at most for those last statuses.
+    let drainTime = TimeAmount.nanoseconds(
+      self.drainTime.components.seconds * 1_000_000_000 + self.drainTime.components.attoseconds / 1_000_000_000)
     for (_, state) in loops {
-      try? await state.eventLoop.submit { state.value.connections.startDrain() }.get()
+      try? await state.eventLoop.submit {
+        state.value.connections.drain(within: drainTime, failure: .shuttingDown) { open in
+          logger.info("drain time over: ending the calls still open on \(open) connections with grpc-status 14")
+        }
+      }.get()
     }
     let clock = ContinuousClock()
+    var deadline = clock.now.advanced(by: self.drainTime + .seconds(1))
     var open = await Self.openConnections(loops)
-    let deadline = clock.now.advanced(by: self.drainTime)
-    while open > 0, clock.now < deadline, !Task.isCancelled {
-      // Cancelled (a second signal): skip the wait, but still end each call with a status.
+    var endedEarly = false
+    while open > 0, clock.now < deadline {
+      if Task.isCancelled && !endedEarly {
+        // A second signal: skip the wait, but still end each call with a status.
+        endedEarly = true
+        for (_, state) in loops {
+          try? await state.eventLoop.submit { state.value.connections.endCalls(.shuttingDown) }.get()
+        }
+        deadline = min(deadline, clock.now.advanced(by: .seconds(1)))
+      }
       try? await Task.sleep(for: .milliseconds(20))
       open = await Self.openConnections(loops)
-    }
-    if open > 0 {
-      logger.info("drain time over: ending the calls still open on \(open) connections with grpc-status 14")
-      for (_, state) in loops {
-        try? await state.eventLoop.submit { state.value.connections.endCalls(.shuttingDown) }.get()
-      }
-      let grace = clock.now.advanced(by: .seconds(1))
-      while open > 0, clock.now < grace {
-        try? await Task.sleep(for: .milliseconds(20))
-        open = await Self.openConnections(loops)
-      }
     }
     logger.info("stopped")
     for channel in channels { try? await channel.close() }
