@@ -116,6 +116,12 @@ import Testing
       try self.clientSends(CallPathTests.data(CallPathTests.message, end: true), stream: 1)
     }
 
+    /// Moves the loop's clock on, and runs what comes due.
+    func advance(_ time: TimeAmount) {
+      self.loop.advanceTime(by: time)
+      self.settle()
+    }
+
     func clientSends(_ payload: HTTP2Frame.FramePayload, stream: Int) throws {
       try self.client.writeInbound(HTTP2Frame(streamID: HTTP2StreamID(stream), payload: payload))
       self.settle()
@@ -201,11 +207,9 @@ import Testing
     let rig = try Rig()
     try rig.clientSendsUnary("/demo.User/slow")
     _ = rig.backendFrames()
-    rig.loop.advanceTime(by: .milliseconds(199))
-    rig.settle()
+    rig.advance(.milliseconds(199))
     #expect(rig.clientFrames().isEmpty, "not yet")
-    rig.loop.advanceTime(by: .milliseconds(1))
-    rig.settle()
+    rig.advance(.milliseconds(1))
     let answer = rig.clientFrames()
     guard case .headers(let head) = answer.first?.payload else { Issue.record("a local reply: \(answer.map(\.summary))"); return }
     #expect(head.headers.first(name: ":status") == "504")
@@ -221,11 +225,9 @@ import Testing
     rig.loop.advanceTime(by: .milliseconds(200))
     try rig.backendSends(Self.responseHead, stream: 1)
     _ = rig.clientFrames()
-    rig.loop.advanceTime(by: .milliseconds(250))
-    rig.settle()
+    rig.advance(.milliseconds(250))
     #expect(rig.clientFrames().isEmpty, "250 ms since the head: not idle for 300 ms yet")
-    rig.loop.advanceTime(by: .milliseconds(50))
-    rig.settle()
+    rig.advance(.milliseconds(50))
     let frames = rig.clientFrames()
     guard case .data(let data) = frames.first?.payload, case .byteBuffer(let body) = data.data else {
       Issue.record("a trailer frame: \(frames.map(\.summary))"); return
@@ -309,11 +311,9 @@ import Testing
     rig.connections.drain(within: .seconds(5), failure: .shuttingDown) { openAtDeadline = $0 }
     rig.settle()
     #expect(rig.clientFrames().map(\.summary) == ["GOAWAY"])
-    rig.loop.advanceTime(by: .milliseconds(4999))
-    rig.settle()
+    rig.advance(.milliseconds(4999))
     #expect(rig.clientFrames().isEmpty, "the call has until the drain time")
-    rig.loop.advanceTime(by: .milliseconds(1))
-    rig.settle()
+    rig.advance(.milliseconds(1))
     #expect(openAtDeadline == 1)
     let frames = rig.clientFrames()
     guard let last = frames.last(where: { if case .data = $0.payload { return true } else { return false } }),
