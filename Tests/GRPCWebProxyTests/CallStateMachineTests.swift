@@ -94,6 +94,9 @@ import Testing
       case .forward(_, let second, "s1", _) = m.receiveBody(ByteBuffer(string: "mhp"), endStream: false, allocator: self.allocator)
     else { Issue.record("decoded pieces go upstream"); return }
     #expect(Array(first.readableBytesView) + Array(second.readableBytesView) == Self.message)
+    guard case .held = m.receiveBody(ByteBuffer(string: "AA"), endStream: false, allocator: self.allocator) else {
+      Issue.record("part of a quad is held until the rest comes"); return
+    }
     guard case .finish(let finish) = m.receiveBody(ByteBuffer(string: "!!!!"), endStream: false, allocator: self.allocator) else {
       Issue.record("bad base64 ends the call"); return
     }

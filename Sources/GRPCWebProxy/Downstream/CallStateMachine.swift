@@ -164,7 +164,10 @@ struct CallStateMachine {
   }
 
   enum BodyAction {
+    /// Not taken: the call is over (or the request had ended).
     case drop
+    /// Taken, nothing to send yet (a text body's partial base64 quad).
+    case held
     /// Write `frame` to `stream`, or nothing more when it waits for a stream (`stream` nil);
     /// `payload` is the body as it goes upstream (decoded from base64 for text calls).
     case forward(frame: Frame, payload: ByteBuffer, stream: Stream?, pauseReading: Bool)
@@ -233,9 +236,7 @@ struct CallStateMachine {
         return .finish(self.fail(live, .invalidRequestBody))
       }
       live.request = .forwarding(decoder: text)
-      guard decoded.readableBytes > 0 || endStream else {
-        return .drop
-      }
+      guard decoded.readableBytes > 0 || endStream else { return .held }
       payload = decoded
     }
     if endStream { live.request = .ended }

@@ -421,7 +421,7 @@ final class ProxyCall: UpstreamStreamDelegate {
 
   private func forward(_ action: CallStateMachine.BodyAction) {
     switch action {
-    case .drop:
+    case .drop, .held:
       break
     case .finish(let finish):
       self.runtime.logger.debug("bad grpc-web-text request body")
