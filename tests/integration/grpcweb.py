@@ -263,6 +263,11 @@ class HTTP2:
                     s["ended"] = True
                 elif isinstance(event, h2.events.ConnectionTerminated):
                     self.goaway = event
+                    if event.error_code == 0:
+                        # A graceful GOAWAY: streams up to its last stream id still get their
+                        # responses (RFC 9113, 6.8), as browsers read them. h2 closes its
+                        # connection state on any GOAWAY and would refuse those frames.
+                        self.conn.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
             self.sock.sendall(self.conn.data_to_send())
 
     def finish(self, sid):
