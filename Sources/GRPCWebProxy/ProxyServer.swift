@@ -176,21 +176,15 @@ public final class ProxyServer: Service {
         guard let check = cluster.healthCheck, let membership = directory.memberships[cluster.name] else { continue }
         let checker = HealthChecker(cluster: cluster, check: check, eventLoop: firstLoop, logger: logger, tls: tls.upstream[cluster.name])
         group.addTask {
-          await checker.run(endpoints: { membership.snapshot.all }) { endpoint, passed, detail in
+          await checker.run(clock: ContinuousClock(), endpoints: { membership.snapshot.all }) { endpoint, passed, detail in
             directory.healthCheck(endpoint, cluster: cluster.name, passed: passed, detail: detail)
           }
         }
       }
       if !tls.contexts.isEmpty {
-        group.addTask { await tls.watchFiles() }
+        group.addTask { await tls.watchFiles(clock: ContinuousClock()) }
       }
-      group.addTask {
-        // Endpoints set aside after a refused connection or an ejection come back on time.
-        while !Task.isCancelled {
-          try await Task.sleep(for: .milliseconds(100))
-          directory.readmitExpired()
-        }
-      }
+      group.addTask { await directory.keepReadmitting(clock: ContinuousClock()) }
       try await gracefulShutdown()
       group.cancelAll()
     }

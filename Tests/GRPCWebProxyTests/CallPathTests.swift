@@ -69,15 +69,28 @@ import Testing
     /// The loop's downstream connections, as the server drains them.
     let connections: LoopConnections
 
-    /// - Parameter http1: the client speaks HTTP/1.1 (the listener's HTTP/1.1 pipeline, bytes in
-    ///   and out) rather than HTTP/2 (frames straight into the connection handler).
-    init(http1: Bool = false) throws {
-      let config = try ConfigLoader.load(yaml: CallPathTests.yaml).configuration
+    /// Holds the proxy's writes to the backend, as a backend that stops reading would.
+    let stalledBackend = WriteHolder()
+
+    /// - Parameters:
+    ///   - http1: the client speaks HTTP/1.1 (the listener's HTTP/1.1 pipeline, bytes in and out)
+    ///     rather than HTTP/2 (frames straight into the connection handler).
+    ///   - connectionOptions: added to the connection manager (`common_http_protocol_options`...).
+    ///   - backendReads: false for a backend whose socket takes nothing until `stalledBackend`
+    ///     lets it.
+    init(http1: Bool = false, connectionOptions: String? = nil, backendReads: Bool = true) throws {
+      var yaml = CallPathTests.yaml
+      if let options = connectionOptions {
+        yaml = yaml.replacingOccurrences(of: "stat_prefix: test\n", with: "stat_prefix: test\n          \(options)\n")
+      }
+      let config = try ConfigLoader.load(yaml: yaml).configuration
       let logger = Logger(label: "test")
       let loop = self.loop
       var made: [EmbeddedChannel] = []
+      let holder = self.stalledBackend
       let upstreams = LoopUpstreams(eventLoop: loop, clusters: config.clusters, logger: logger) { connection in
         let channel = EmbeddedChannel(loop: loop)
+        if !backendReads { try! channel.pipeline.syncOperations.addHandler(holder) }
         try! channel.pipeline.syncOperations.addHandler(UpstreamFrameHandler(connection: connection))
         made.append(channel)
         _ = channel.connect(to: try! SocketAddress(ipAddress: "127.0.0.1", port: 50051))
@@ -364,6 +377,66 @@ import Testing
     #expect(frames.last?.summary.hasSuffix("END") == true)
   }
 
+  @Test func anHTTP1BodyStopsBeingReadWhileTheBackendTakesNothingAndIsReadAgainWhenItDoes() throws {
+    let rig = try Rig(http1: true, backendReads: false)
+    let size = 4 << 20
+    try rig.clientSends(
+      "POST /demo.User/login HTTP/1.1\r\nhost: proxy\r\ncontent-type: application/grpc-web+proto\r\ncontent-length: \(size)\r\n\r\n")
+    var sent = 0
+    while sent < size, rig.client.autoRead {
+      try rig.clientSends("", Array(repeating: 0, count: 64 * 1024))
+      sent += 64 * 1024
+    }
+    // per_connection_buffer_limit_bytes (1 MiB by default): held for the backend, no more.
+    #expect(!rig.client.autoRead, "the socket is no longer read")
+    #expect(sent > 1 << 20 && sent <= (1 << 20) + 64 * 1024, "stopped just past the limit, after \(sent) bytes")
+    rig.stalledBackend.release()
+    rig.settle()
+    #expect(rig.client.autoRead, "the backend took it: the client is read again")
+    while sent < size {
+      try rig.clientSends("", Array(repeating: 0, count: 64 * 1024))
+      sent += 64 * 1024
+      rig.stalledBackend.release()
+      rig.settle()
+    }
+    let bytes = rig.backendFrames().reduce(0) { total, frame in
+      if case .data(let data) = frame.payload { return total + data.data.readableBytes }
+      return total
+    }
+    #expect(bytes == size, "and nothing was lost")
+  }
+
+  @Test func anHTTP2ConnectionWithNoStreamForTheIdleTimeoutIsDrainedOnTheLoopsClock() throws {
+    let rig = try Rig(connectionOptions: "common_http_protocol_options: { idle_timeout: 1s }")
+    try rig.clientSendsUnary("/demo.User/login")
+    rig.advance(.milliseconds(800))
+    try rig.backendSends(Self.responseHead, stream: 1)
+    try rig.backendSends(Self.trailers("0"), stream: 1)
+    _ = rig.clientFrames()
+    rig.advance(.milliseconds(900))
+    #expect(rig.clientFrames().isEmpty && rig.client.isActive, "1.7 s open, but a stream was open until 0.9 s ago")
+    rig.advance(.milliseconds(100))
+    #expect(rig.clientFrames().map(\.summary) == ["GOAWAY"], "1 s with no stream")
+    #expect(!rig.client.isActive, "and closed")
+  }
+
+  @Test func anHTTP1ConnectionWithNoRequestForTheIdleTimeoutIsClosedOnTheLoopsClock() throws {
+    let rig = try Rig(http1: true, connectionOptions: "common_http_protocol_options: { idle_timeout: 1s }")
+    rig.advance(.milliseconds(600))
+    try rig.clientSends(
+      "POST /demo.User/login HTTP/1.1\r\nhost: proxy\r\ncontent-type: application/grpc-web+proto\r\ncontent-length: 9\r\n\r\n",
+      Self.message)
+    rig.advance(.milliseconds(600))
+    #expect(rig.client.isActive, "a request is in progress")
+    try rig.backendSends(Self.responseHead, stream: 1)
+    try rig.backendSends(Self.trailers("0"), stream: 1)
+    _ = rig.clientBytes()
+    rig.advance(.milliseconds(999))
+    #expect(rig.client.isActive, "999 ms since the response ended")
+    rig.advance(.milliseconds(1))
+    #expect(!rig.client.isActive, "1 s: closed")
+  }
+
   @Test func aClientThatResetsItsStreamCancelsTheUpstreamStream() throws {
     let rig = try Rig()
     try rig.clientSendsUnary("/demo.User/login")
@@ -372,6 +445,41 @@ import Testing
     #expect(rig.backendFrames().map(\.summary) == ["RST_STREAM 1 CANCEL"])
     try rig.backendSends(Self.responseHead, stream: 1)
     #expect(rig.clientFrames().isEmpty, "a late answer goes nowhere")
+  }
+}
+
+/// Keeps the writes that reach it, promises and all, until `release`: a socket whose peer has
+/// stopped reading.
+final class WriteHolder: ChannelOutboundHandler {
+  typealias OutboundIn = Any
+  private var held: [(NIOAny, EventLoopPromise<Void>?)] = []
+  private var context: ChannelHandlerContext?
+
+  func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+  func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+    self.held.append((data, promise))
+  }
+
+  func flush(context: ChannelHandlerContext) {}
+
+  /// The peer reads again: everything held goes out.
+  func release() {
+    guard let context = self.context else { return }
+    let held = self.held
+    self.held = []
+    for (data, promise) in held { context.write(data, promise: promise) }
+    context.flush()
+  }
+}
+
+extension EmbeddedChannel {
+  /// The last `autoRead` the handlers set: false while they keep the client from sending more.
+  var autoRead: Bool {
+    for (option, value) in self.options.reversed() where option is ChannelOptions.Types.AutoReadOption {
+      return value as! Bool
+    }
+    return true
   }
 }
 

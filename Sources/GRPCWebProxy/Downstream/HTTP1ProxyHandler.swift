@@ -25,7 +25,8 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream, Drainabl
   /// A bad request was answered: what else arrives is dropped until the connection closes.
   private var lingering = false
   /// `idle_timeout`: the connection closes after this long with no request in progress.
-  private var lastActivity = NIODeadline.now()
+  /// On the loop's clock (`EventLoop.now`), so that tests move it.
+  private var lastActivity = NIODeadline.uptimeNanoseconds(0)
   private var idleTask: Scheduled<Void>?
   /// Set with a `request_headers_timeout`: times each request head from its first byte.
   weak var headWatcher: RequestBytesWatcher?
@@ -42,6 +43,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream, Drainabl
   func handlerAdded(context: ChannelHandlerContext) {
     self.context = context
     self.runtime.connections.add(self)
+    self.lastActivity = context.eventLoop.now
     if let idle = self.runtime.listener.idleTimeout { self.scheduleIdleCheck(in: .nanoseconds(idle.nanoseconds)) }
   }
 
@@ -55,7 +57,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream, Drainabl
     guard let context = self.context else { return }
     self.idleTask = context.eventLoop.assumeIsolated().scheduleTask(in: delay) {
       guard let idle = self.runtime.listener.idleTimeout, let context = self.context else { return }
-      let quiet = NIODeadline.now() - self.lastActivity
+      let quiet = context.eventLoop.now - self.lastActivity
       let limit = TimeAmount.nanoseconds(idle.nanoseconds)
       // A head in progress is a request (request_headers_timeout answers it), not idleness.
       let quietNow = self.responseEnded && !(self.headWatcher?.timing ?? false)
@@ -207,7 +209,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, DownstreamStream, Drainabl
   private func end(context: ChannelHandlerContext, trailers: HTTPHeaders?) {
     guard !self.responseEnded else { return }
     self.responseEnded = true
-    if self.runtime.listener.idleTimeout != nil { self.lastActivity = .now() }
+    if self.runtime.listener.idleTimeout != nil { self.lastActivity = context.eventLoop.now }
     if self.keepAlive {
       context.write(self.wrapOutboundOut(.end(trailers)), promise: nil)
     } else {

@@ -26,7 +26,8 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   /// The highest stream the client opened: what GOAWAY names as the last one processed.
   private var lastStreamID = HTTP2StreamID(0)
   private var draining = false
-  private var lastActivity = NIODeadline.now()
+  /// Since when no stream has been open, on the loop's clock (`EventLoop.now`).
+  private var lastActivity = NIODeadline.uptimeNanoseconds(0)
   private var idleTask: Scheduled<Void>?
 
   /// `https` behind TLS (see ProxyCall.connectionScheme).
@@ -42,6 +43,7 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   func handlerAdded(context: ChannelHandlerContext) {
     self.context = context
     self.runtime.connections.add(self)
+    self.lastActivity = context.eventLoop.now
     if let idle = self.runtime.listener.idleTimeout { self.scheduleIdleCheck(in: .nanoseconds(idle.nanoseconds)) }
     // Added after protocol detection, the channel is already active (and NIOHTTP2 has sent
     // its preface): channelActive will not come.
@@ -61,7 +63,7 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
     self.idleTask = context.eventLoop.assumeIsolated().scheduleTask(in: delay) {
       guard let idle = self.runtime.listener.idleTimeout, self.context != nil, !self.draining else { return }
       let limit = TimeAmount.nanoseconds(idle.nanoseconds)
-      let quiet = NIODeadline.now() - self.lastActivity
+      let quiet = context.eventLoop.now - self.lastActivity
       if self.streams.isEmpty && quiet >= limit {
         self.startDrain()
       } else {
@@ -210,7 +212,7 @@ final class HTTP2ProxyConnectionHandler: ChannelInboundHandler, DrainableConnect
   /// The stream's response has ended; forget it (a late reset by the client finds nothing).
   fileprivate func finished(_ id: HTTP2StreamID) {
     self.streams.removeValue(forKey: id)
-    if self.streams.isEmpty && self.runtime.listener.idleTimeout != nil { self.lastActivity = .now() }
+    if self.streams.isEmpty && self.runtime.listener.idleTimeout != nil, let loop = self.context?.eventLoop { self.lastActivity = loop.now }
     if self.draining { self.closeIfDrained() }
   }
 

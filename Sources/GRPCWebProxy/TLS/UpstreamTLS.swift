@@ -114,11 +114,11 @@ final class TLSRuntime: Sendable {
     self.listeners.values.flatMap(\.contexts) + self.upstream.values.map(\.context)
   }
 
-  /// Checks the certificate files every second; a change reaches new connections.
-  func watchFiles() async {
+  /// Checks the certificate files every `period` of `clock`; a change reaches new connections.
+  func watchFiles<C: Clock>(clock: C, every period: Duration = .seconds(1)) async where C.Duration == Duration {
     let contexts = self.contexts
     while !Task.isCancelled {
-      do { try await Task.sleep(for: .seconds(1)) } catch { return }
+      do { try await clock.sleep(for: period) } catch { return }
       for context in contexts {
         context.reloadIfChanged(status: self.status, logger: self.logger)
       }

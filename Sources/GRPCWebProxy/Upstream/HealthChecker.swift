@@ -3,6 +3,7 @@ import NIOCore
 import NIOHPACK
 import NIOHTTP2
 import ProxyConfig
+import NIOConcurrencyHelpers
 
 /// Active `grpc.health.v1` checks of one cluster's endpoints (Envoy's `grpc_health_check`): each
 /// endpoint every `interval`, a new one at once, over a connection of the checker's own that is
@@ -29,33 +30,34 @@ final class HealthChecker: Sendable {
     self.box = .makeEmptyBox(valueType: Connections.self, eventLoop: eventLoop)
   }
 
-  /// Checks until cancelled. `report` gets each result: endpoint, passed, and what was wrong.
-  func run(
+  /// Checks until cancelled, on `clock` (`HealthCheckSchedule` says when). `report` gets each
+  /// result: endpoint, passed, and what was wrong. Endpoints are read again every `poll`, so a
+  /// new one is checked within that time.
+  func run<C: Clock>(
+    clock: C, poll: Duration = .milliseconds(50),
     endpoints: @escaping @Sendable () -> [HostAndPort],
     report: @escaping @Sendable (HostAndPort, Bool, String) -> Void
-  ) async {
-    let clock = ContinuousClock()
+  ) async where C.Duration == Duration {
     let interval = Duration.nanoseconds(max(self.check.interval.nanoseconds, 10_000_000))
-    var due: [HostAndPort: ContinuousClock.Instant] = [:]
+    let schedule = NIOLockedValueBox(HealthCheckSchedule<C.Instant>(interval: interval))
     await withDiscardingTaskGroup { group in
       while !Task.isCancelled {
-        let current = endpoints()
         let now = clock.now
-        for endpoint in current where due[endpoint].map({ $0 <= now }) ?? true {
-          due[endpoint] = now.advanced(by: interval)
+        let step = schedule.withLockedValue { $0.endpoints(endpoints(), now: now) }
+        for endpoint in step.check {
           group.addTask {
             let (passed, detail) = await self.checkOnce(endpoint)
-            report(endpoint, passed, detail)
+            if schedule.withLockedValue({ $0.checked(endpoint, now: clock.now) }) { report(endpoint, passed, detail) }
           }
         }
-        let gone = Set(due.keys).subtracting(current)
-        if !gone.isEmpty {
-          for endpoint in gone { due[endpoint] = nil }
-          self.eventLoop.execute { self.forget(gone) }
+        if !step.forget.isEmpty {
+          self.eventLoop.execute { self.forget(step.forget) }
         }
-        do { try await Task.sleep(for: .milliseconds(50)) } catch { break }
+        let wake = min(schedule.withLockedValue { $0.nextDue } ?? now.advanced(by: poll), now.advanced(by: poll))
+        do { try await clock.sleep(until: wake, tolerance: nil) } catch { break }
       }
-      self.eventLoop.execute { self.forget(Set(self.connections.byEndpoint.keys)) }
+      let known = schedule.withLockedValue { $0.known }
+      self.eventLoop.execute { self.forget(known.union(self.connections.byEndpoint.keys)) }
     }
   }
 

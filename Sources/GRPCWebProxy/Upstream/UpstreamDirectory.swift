@@ -90,6 +90,15 @@ final class UpstreamDirectory: Sendable {
     self.resolveRequests.withLock { $0.remove(cluster) != nil }
   }
 
+  /// Endpoints set aside after a refused connection or an ejection come back on time: looked at
+  /// every `period` of `clock` until cancelled.
+  func keepReadmitting<C: Clock>(clock: C, every period: Duration = .milliseconds(100)) async where C.Duration == Duration {
+    while !Task.isCancelled {
+      do { try await clock.sleep(for: period) } catch { return }
+      self.readmitExpired()
+    }
+  }
+
   /// Endpoints whose time aside is over take calls again.
   func readmitExpired() {
     for (name, membership) in self.memberships {
