@@ -71,6 +71,8 @@ import Testing
 
     /// Holds the proxy's writes to the backend, as a backend that stops reading would.
     let stalledBackend = WriteHolder()
+    /// Holds the proxy's writes to the client.
+    let stalledClient = WriteHolder()
 
     /// - Parameters:
     ///   - http1: the client speaks HTTP/1.1 (the listener's HTTP/1.1 pipeline, bytes in and out)
@@ -78,7 +80,9 @@ import Testing
     ///   - connectionOptions: added to the connection manager (`common_http_protocol_options`...).
     ///   - backendReads: false for a backend whose socket takes nothing until `stalledBackend`
     ///     lets it.
-    init(http1: Bool = false, connectionOptions: String? = nil, backendReads: Bool = true) throws {
+    ///   - clientReads: false for a client whose socket takes nothing until `stalledClient` lets
+    ///     it (an HTTP/2 client that withholds WINDOW_UPDATE, seen from the proxy's writes).
+    init(http1: Bool = false, connectionOptions: String? = nil, backendReads: Bool = true, clientReads: Bool = true) throws {
       var yaml = CallPathTests.yaml
       if let options = connectionOptions {
         yaml = yaml.replacingOccurrences(of: "stat_prefix: test\n", with: "stat_prefix: test\n          \(options)\n")
@@ -103,6 +107,7 @@ import Testing
         listener: listener, routes: RouteTable(listener.routeConfig), upstreams: upstreams, connections: self.connections,
         logger: logger, maxTextFrameSize: 4 << 20)
       self.client = EmbeddedChannel(loop: loop)
+      if !clientReads { try self.client.pipeline.syncOperations.addHandler(self.stalledClient) }
       if http1 {
         try Pipelines.http1(self.client.pipeline.syncOperations, runtime: runtime)
       } else {
@@ -404,6 +409,37 @@ import Testing
       return total
     }
     #expect(bytes == size, "and nothing was lost")
+  }
+
+  @Test func aClientThatTakesNoResponseStopsTheBackendsWindowForThatStreamOnly() throws {
+    let rig = try Rig(clientReads: false)
+    try rig.clientSendsUnary("/bench.Echo/ServerStream")
+    try rig.clientSends(Self.request("/demo.User/login"), stream: 3)
+    try rig.clientSends(Self.data(Self.message, end: true), stream: 3)
+    _ = rig.backendFrames()
+    try rig.backendSends(Self.responseHead, stream: 1)
+    try rig.backendSends(Self.responseHead, stream: 3)
+    /// The window the proxy gives the backend back on `stream`, as `frames` of 16 KiB arrive.
+    func granted(_ stream: Int, frames: Int) throws -> Int {
+      for _ in 0..<frames { try rig.backendSends(Self.data(Array(repeating: 0, count: 16 * 1024), end: false), stream: stream) }
+      return rig.backendFrames().reduce(0) { total, frame in
+        if case .windowUpdate(let increment) = frame.payload, Int(frame.streamID) == stream { return total + increment }
+        return total
+      }
+    }
+    // 4 MiB of response the client does not take: the window goes back until the stream holds
+    // the listener's buffer limit (1 MiB) for the client, then no more, so the backend stops
+    // once its stream window (1 MiB) is spent: memory bounded at about 2 MiB, not the response.
+    let held = try granted(1, frames: 256)
+    #expect(held >= 1 << 20 && held < 2 << 20, "window given back while the client takes nothing: \(held)")
+    // Another stream on the same connections is not held back by it.
+    let other = try granted(3, frames: 64)
+    #expect(other >= 512 * 1024, "the other stream's window still goes back: \(other)")
+    // The client reads: what was held goes out and the stream's window comes back.
+    rig.stalledClient.release()
+    rig.settle()
+    let resumed = try granted(1, frames: 0)
+    #expect(resumed >= 1 << 20, "the window owed is given back at once: \(resumed)")
   }
 
   @Test func anHTTP2ConnectionWithNoStreamForTheIdleTimeoutIsDrainedOnTheLoopsClock() throws {

@@ -55,6 +55,56 @@ def test_http2_clients_that_withhold_window_do_not_make_the_proxy_hold_the_respo
         p.stop()
 
 
+def test_a_client_that_withheld_window_gets_the_whole_response_when_it_reads_again(replicas):
+    """The other half of the test above: the proxy stopped giving the backend window while the
+    client took nothing; once the client reads, the proxy must give it back, however many
+    writes the held response takes to go out, or the call hangs with the backend waiting for
+    window. 64 messages of 64 KiB (4 MiB, four times the buffer limit), read after 2 s."""
+    port = free_port()
+    p = start_proxy(config(port, {"users": [r.port for r in replicas]}, ROUTES, cors=False), port)
+    try:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.settimeout(0.2)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        conn.initiate_connection()
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", "x"),
+                                (":path", "/demo.Echo/ServerStream")] + list(grpc_web_headers(False).items()))
+        conn.send_data(sid, frame(echo_req("m", count=64, pad_bytes=65536)), end_stream=True)
+        sock.sendall(conn.data_to_send())
+        held = []
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:  # only HTTP/2's first 64 KiB of window
+            events = pump(sock, conn)
+            assert events is not None, "the proxy closed the connection"
+            held += [e for e in events if isinstance(e, h2.events.DataReceived)]
+        # Then it reads as an ordinary client does: window back for what it took, 64 KiB at most
+        # in flight, so the held response goes out frame by frame.
+        body = bytearray(b"".join(e.data for e in held))
+        for e in held:
+            conn.acknowledge_received_data(e.flow_controlled_length, sid)
+        sock.sendall(conn.data_to_send())
+        deadline, ended = time.monotonic() + 20, False
+        while not ended and time.monotonic() < deadline:
+            events = pump(sock, conn)
+            assert events is not None, "the proxy closed the connection"
+            for e in events:
+                if isinstance(e, h2.events.DataReceived):
+                    body += e.data
+                    conn.acknowledge_received_data(e.flow_controlled_length, sid)
+                ended = ended or isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset))
+            sock.sendall(conn.data_to_send())
+        sock.close()
+        messages, i = 0, 0
+        while i + 5 <= len(body) and body[i] == 0:
+            i += 5 + int.from_bytes(body[i + 1:i + 5], "big")
+            messages += 1
+        assert "grpc-status:0" in body[i:].decode("latin-1"), f"no OK status after {messages} messages ({len(body)} bytes)"
+        assert messages == 64, messages
+    finally:
+        p.stop()
+
+
 def test_an_http1_upload_stops_being_read_when_the_backend_does_not_take_it():
     """A client uploads 100 MiB (Content-Length) to a backend that reads none of it. The proxy
     stops reading the socket once it holds its buffer limit; the client can only fill the

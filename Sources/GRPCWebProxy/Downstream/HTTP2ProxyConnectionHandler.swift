@@ -264,6 +264,9 @@ final class HTTP2DownstreamStream: DownstreamStream {
   /// client that withholds WINDOW_UPDATE costs at most that and the upstream stream window.
   private var unsent = 0
   private let bufferLimit: Int
+  /// `unsent` went above the limit, so the call may have paused the backend: it is told when
+  /// `unsent` is down to half the limit, however many writes that took to complete.
+  private var overLimit = false
 
   init(id: HTTP2StreamID, connection: HTTP2ProxyConnectionHandler, bufferLimit: Int, window: Int) {
     self.id = id
@@ -307,6 +310,7 @@ final class HTTP2DownstreamStream: DownstreamStream {
       return
     }
     self.unsent += body.readableBytes
+    if self.unsent > self.bufferLimit { self.overLimit = true }
     if body.readableBytes >= Self.coalesceBelow {
       // A large piece is never copied: what is held goes first, then the piece as it came.
       self.writeCoalesced()
@@ -353,9 +357,9 @@ final class HTTP2DownstreamStream: DownstreamStream {
   }
 
   private func dataSent(_ bytes: Int) {
-    let wasWritable = self.unsent <= self.bufferLimit
     self.unsent -= bytes
-    if !wasWritable && self.unsent <= self.bufferLimit / 2 && self.connection.isWritable {
+    if self.overLimit && self.unsent <= self.bufferLimit / 2 && self.connection.isWritable {
+      self.overLimit = false
       self.call?.downstreamWritabilityChanged(true)
     }
   }
