@@ -36,6 +36,8 @@ import Testing
                     route: { cluster: backend, retry_policy: { retry_on: 5xx, num_retries: 1 } }
                   - match: { prefix: "/demo.User/slow" }
                     route: { cluster: backend, timeout: 0.2s }
+                  - match: { prefix: "/demo.User/capped" }
+                    route: { cluster: backend, max_stream_duration: { grpc_timeout_header_max: 0.4s, grpc_timeout_header_offset: 0.1s } }
                   - match: { prefix: "/demo.User/idle" }
                     route: { cluster: backend, idle_timeout: 0.3s }
                   - match: { prefix: "/" }
@@ -82,10 +84,17 @@ import Testing
     ///     lets it.
     ///   - clientReads: false for a client whose socket takes nothing until `stalledClient` lets
     ///     it (an HTTP/2 client that withholds WINDOW_UPDATE, seen from the proxy's writes).
-    init(http1: Bool = false, connectionOptions: String? = nil, backendReads: Bool = true, clientReads: Bool = true) throws {
+    ///   - listenerOptions: added to the listener (`per_connection_buffer_limit_bytes`...).
+    init(
+      http1: Bool = false, connectionOptions: String? = nil, listenerOptions: String? = nil, backendReads: Bool = true,
+      clientReads: Bool = true
+    ) throws {
       var yaml = CallPathTests.yaml
       if let options = connectionOptions {
         yaml = yaml.replacingOccurrences(of: "stat_prefix: test\n", with: "stat_prefix: test\n          \(options)\n")
+      }
+      if let options = listenerOptions {
+        yaml = yaml.replacingOccurrences(of: "port_value: 8080 } }\n", with: "port_value: 8080 } }\n    \(options)\n")
       }
       let config = try ConfigLoader.load(yaml: yaml).configuration
       let logger = Logger(label: "test")
@@ -382,8 +391,11 @@ import Testing
     #expect(frames.last?.summary.hasSuffix("END") == true)
   }
 
-  @Test func anHTTP1BodyStopsBeingReadWhileTheBackendTakesNothingAndIsReadAgainWhenItDoes() throws {
-    let rig = try Rig(http1: true, backendReads: false)
+  @Test(arguments: [nil, 256 * 1024])
+  func anHTTP1BodyStopsBeingReadWhileTheBackendTakesNothingAndIsReadAgainWhenItDoes(configuredLimit: Int?) throws {
+    let rig = try Rig(
+      http1: true, listenerOptions: configuredLimit.map { "per_connection_buffer_limit_bytes: \($0)" }, backendReads: false)
+    let limit = configuredLimit ?? 1 << 20  // Envoy's default
     let size = 4 << 20
     try rig.clientSends(
       "POST /demo.User/login HTTP/1.1\r\nhost: proxy\r\ncontent-type: application/grpc-web+proto\r\ncontent-length: \(size)\r\n\r\n")
@@ -392,9 +404,9 @@ import Testing
       try rig.clientSends("", Array(repeating: 0, count: 64 * 1024))
       sent += 64 * 1024
     }
-    // per_connection_buffer_limit_bytes (1 MiB by default): held for the backend, no more.
+    // per_connection_buffer_limit_bytes: held for the backend, no more.
     #expect(!rig.client.autoRead, "the socket is no longer read")
-    #expect(sent > 1 << 20 && sent <= (1 << 20) + 64 * 1024, "stopped just past the limit, after \(sent) bytes")
+    #expect(sent > limit && sent <= limit + 64 * 1024, "stopped just past the limit, after \(sent) bytes")
     rig.stalledBackend.release()
     rig.settle()
     #expect(rig.client.autoRead, "the backend took it: the client is read again")
@@ -440,6 +452,31 @@ import Testing
     rig.settle()
     let resumed = try granted(1, frames: 0)
     #expect(resumed >= 1 << 20, "the window owed is given back at once: \(resumed)")
+  }
+
+  @Test func aNativeGRPCDeadlineIsCappedAndShortenedForTheBackendAsTheRouteSays() throws {
+    let rig = try Rig()
+    var native = HPACKHeaders([
+      (":method", "POST"), (":scheme", "http"), (":authority", "proxy"), (":path", "/demo.User/capped"),
+      ("content-type", "application/grpc"), ("te", "trailers"), ("grpc-timeout", "10S"),
+    ])
+    try rig.clientSends(.headers(.init(headers: native)), stream: 1)
+    try rig.clientSends(Self.data(Self.message, end: true), stream: 1)
+    guard case .headers(let head) = rig.backendFrames().first?.payload else {
+      Issue.record("no request head upstream")
+      return
+    }
+    // grpc_timeout_header_max 0.4 s caps the client's 10 s; the offset 0.1 s leaves the proxy
+    // time to answer: the backend is told 300 ms, as Envoy tells it.
+    #expect(head.headers[canonicalForm: "grpc-timeout"] == ["300m"])
+    native.replaceOrAdd(name: "grpc-timeout", value: "200m")
+    try rig.clientSends(.headers(.init(headers: native)), stream: 3)
+    try rig.clientSends(Self.data(Self.message, end: true), stream: 3)
+    guard case .headers(let second) = rig.backendFrames().first?.payload else {
+      Issue.record("no second request head upstream")
+      return
+    }
+    #expect(second.headers[canonicalForm: "grpc-timeout"] == ["100m"], "below the cap: only the offset comes off")
   }
 
   @Test func anHTTP2ConnectionWithNoStreamForTheIdleTimeoutIsDrainedOnTheLoopsClock() throws {

@@ -216,6 +216,33 @@ def test_dead_backend_is_unavailable_with_a_reason(proxy, transport):
     assert "grpc-status" in r.headers["access-control-expose-headers"]
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_backend_that_never_accepts_is_a_connection_timeout(transport):
+    """A listener whose accept queue is full (backlog 0, one connection waiting) drops the next
+    SYNs, so the proxy's connect times out at the cluster's connect_timeout (0.5 s): Envoy 1.40
+    names that reset reason `connection timeout`."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0)
+    filler = socket.create_connection(silent.getsockname())
+    port = free_port()
+    p = start_proxy(config(port, {"users": [silent.getsockname()[1]], "dead": [free_port()]}, ROUTES), port)
+    c = client(transport, port)
+    try:
+        started = time.monotonic()
+        r = c.call("/demo.User/login", login_req("demo", "demo123"))
+        took = time.monotonic() - started
+    finally:
+        c.close()
+        p.stop()
+        filler.close()
+        silent.close()
+    assert (r.status, r.grpc_status) == (503, 14)
+    assert r.grpc_message == ("upstream connect error or disconnect/reset before headers. reset reason: "
+                              "connection timeout"), r.grpc_message
+    assert 0.4 < took < 3, f"answered after {took:.2f} s, not at the 0.5 s connect_timeout"
+
+
 def test_no_route_is_404_and_direct_response(proxy):
     c = HTTP1(proxy.port)
     r = c.call("/nowhere.Service/Method", b"")
