@@ -4,7 +4,8 @@ import NIOHPACK
 public enum RequestTranslator {
   /// - Parameters:
   ///   - headers: the downstream request's headers, with `:method`, `:path`, `:authority` and
-  ///     `:scheme` pseudo-headers (HTTP/1.1 requests are given them by the caller).
+  ///     `:scheme` pseudo-headers (HTTP/1.1 requests are given them by the caller, `:scheme`
+  ///     from the connection: `https` over TLS).
   ///   - path: the path to send upstream (after any prefix rewrite).
   ///   - forwardedProto: `https` when the client's connection is TLS, else `http`: the
   ///     `x-forwarded-proto` the backend hears. As Envoy with no trusted hops
@@ -20,7 +21,11 @@ public enum RequestTranslator {
     var out = HPACKHeaders()
     out.reserveCapacity(headers.count + 3)
     out.add(name: ":method", value: headers.first(name: ":method") ?? "POST")
-    out.add(name: ":scheme", value: "http")
+    // The request's scheme, as Envoy keeps it (HCM `scheme_header_transformation` unset): an
+    // HTTP/1.1 request's is its connection's (the caller sets it), an HTTP/2 client's is its
+    // own when it is http or https; anything else is replaced by the connection's.
+    let scheme = headers.first(name: ":scheme")
+    out.add(name: ":scheme", value: scheme == "https" || scheme == "http" ? scheme! : forwardedProto)
     out.add(name: ":path", value: path)
     out.add(name: ":authority", value: headers.first(name: ":authority") ?? "")
     let grpcWeb = kind.isGRPCWeb

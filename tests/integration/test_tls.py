@@ -529,7 +529,9 @@ def test_a_key_that_does_not_match_stops_the_start(certs, tmp_path):
 def test_the_backend_hears_how_the_client_connected(certs, transport):
     """x-forwarded-proto upstream is `https` for every call that came over TLS, HTTP/1.1 included
     (its requests carry no scheme of their own) and HTTP/2 whatever `:scheme` the client wrote, and
-    `http` for cleartext, as Envoy sets it."""
+    `http` for cleartext, as Envoy sets it. The upstream `:scheme` is the request's, as Envoy 1.40
+    keeps it (seen side by side): an HTTP/1.1 request's comes from its connection (`https` over
+    TLS), an HTTP/2 client's is its own (this client writes `http` over TLS)."""
     from scripted_backend import EarlyAnswerBackend
 
     backend = EarlyAnswerBackend()
@@ -562,6 +564,8 @@ def test_the_backend_hears_how_the_client_connected(certs, transport):
         backend.close()
     expected = "http" if transport == "plain-http1" else "https"
     assert [h.get("x-forwarded-proto") for h in backend.requests] == [expected]
+    scheme = "https" if transport == "https-http1" else "http"
+    assert [h.get(":scheme") for h in backend.requests] == [scheme]
 
 
 def test_a_silent_client_without_alpn_is_closed_after_idle_timeout(certs):
