@@ -314,6 +314,33 @@ import Testing
     #expect(rig.clientFrames().map(\.summary) == ["WINDOW_UPDATE 1 524288"])
   }
 
+  @Test func anHTTP2RequestsWindowIsHeldWhileTheBackendTakesNothingAndGivenBackWhenItDoes() throws {
+    let rig = try Rig(backendReads: false)
+    try rig.clientSends(Self.request("/demo.User/login"), stream: 1)
+    /// The window the proxy gives the client back on stream 1 as `frames` of 16 KiB arrive.
+    func granted(frames: Int) throws -> Int {
+      for _ in 0..<frames { try rig.clientSends(Self.data(Array(repeating: 0, count: 16 * 1024), end: false), stream: 1) }
+      return rig.clientFrames().reduce(0) { total, frame in
+        if case .windowUpdate(let increment) = frame.payload, frame.streamID == 1 { return total + increment }
+        return total
+      }
+    }
+    // 3 MiB sent, as a client that ignored its window would: the proxy gives window back until
+    // it holds the buffer limit (1 MiB) for the backend, then none.
+    let held = try granted(frames: 192)
+    #expect(held <= 1 << 20, "window given back while the backend takes nothing: \(held)")
+    rig.stalledBackend.release()
+    rig.settle()
+    let resumed = try granted(frames: 0)
+    #expect(resumed >= 1 << 20, "the backend took it: the window owed goes back at once: \(resumed)")
+    rig.stalledBackend.release()
+    let bytes = rig.backendFrames().reduce(0) { total, frame in
+      if case .data(let data) = frame.payload { return total + data.data.readableBytes }
+      return total
+    }
+    #expect(bytes == 3 << 20, "and nothing was lost")
+  }
+
   @Test func aDrainLetsTheCallInFlightFinishThenClosesTheConnection() throws {
     let rig = try Rig()
     try rig.clientSendsUnary("/demo.User/login")
