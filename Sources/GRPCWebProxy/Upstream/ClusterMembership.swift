@@ -36,24 +36,28 @@ final class ClusterMembership: Sendable {
   private let hosts = Mutex<[Host]>([])
   private let versions = Atomic<UInt64>(0)
 
-  init(cluster: Cluster) {
+  /// The time the set-aside periods are measured on; tests move their own.
+  private let now: @Sendable () -> ContinuousClock.Instant
+
+  init(cluster: Cluster, now: @escaping @Sendable () -> ContinuousClock.Instant = { ContinuousClock.now }) {
     self.cluster = cluster
+    self.now = now
   }
 
   var snapshot: Snapshot {
-    let now = ContinuousClock.now
+    let now = self.now()
     return self.hosts.withLock { self.snapshot($0, now: now) }
   }
 
   /// For the admin port.
   var statusEndpoints: [ProxyStatus.Endpoint] {
-    let now = ContinuousClock.now
+    let now = self.now()
     return self.hosts.withLock { hosts in hosts.map { .init(address: $0.address, healthy: $0.isUsable(at: now)) } }
   }
 
   /// Discovery's answer. An endpoint that stays keeps what is known of its health.
   func setDiscovered(_ addresses: [HostAndPort]) -> Snapshot {
-    let now = ContinuousClock.now
+    let now = self.now()
     return self.hosts.withLock { hosts in
       let known = Dictionary(hosts.map { ($0.address, $0) }, uniquingKeysWith: { a, _ in a })
       hosts = addresses.map { known[$0] ?? Host(address: $0) }
@@ -63,7 +67,7 @@ final class ClusterMembership: Sendable {
 
   /// An active health check's result. Returns the new snapshot when the endpoint's health changed.
   func healthCheck(_ address: HostAndPort, passed: Bool, threshold: (healthy: Int, unhealthy: Int)) -> Snapshot? {
-    let now = ContinuousClock.now
+    let now = self.now()
     return self.hosts.withLock { hosts in
       guard let i = hosts.firstIndex(where: { $0.address == address }) else { return nil }
       let before = hosts[i].healthy
@@ -87,7 +91,7 @@ final class ClusterMembership: Sendable {
   /// is the last usable one (a cluster of one dead endpoint then reports the connection failure
   /// itself, as Envoy does) or, for outlier ejections, more than `maxPercent` would be out.
   func setAside(_ address: HostAndPort, base: Duration, maximum: Duration, maxPercent: Int? = nil) -> Snapshot? {
-    let now = ContinuousClock.now
+    let now = self.now()
     return self.hosts.withLock { hosts in
       guard let i = hosts.firstIndex(where: { $0.address == address }), hosts[i].isUsable(at: now) else { return nil }
       let usable = hosts.filter { $0.isUsable(at: now) }.count
@@ -114,7 +118,7 @@ final class ClusterMembership: Sendable {
 
   /// Endpoints whose time aside is over come back. Returns the snapshot if any did.
   func readmit() -> Snapshot? {
-    let now = ContinuousClock.now
+    let now = self.now()
     return self.hosts.withLock { hosts in
       var changed = false
       for i in hosts.indices {
