@@ -24,8 +24,8 @@ public enum RequestTranslator {
     // The request's scheme, as Envoy keeps it (HCM `scheme_header_transformation` unset): an
     // HTTP/1.1 request's is its connection's (the caller sets it), an HTTP/2 client's is its
     // own when it is http or https; anything else is replaced by the connection's.
-    let scheme = headers.first(name: ":scheme")
-    out.add(name: ":scheme", value: scheme == "https" || scheme == "http" ? scheme! : forwardedProto)
+    let scheme = headers.first(name: ":scheme").flatMap { $0 == "https" || $0 == "http" ? $0 : nil }
+    out.add(name: ":scheme", value: scheme ?? forwardedProto)
     out.add(name: ":path", value: path)
     out.add(name: ":authority", value: headers.first(name: ":authority") ?? "")
     let grpcWeb = kind.isGRPCWeb

@@ -320,10 +320,7 @@ import Testing
     /// The window the proxy gives the client back on stream 1 as `frames` of 16 KiB arrive.
     func granted(frames: Int) throws -> Int {
       for _ in 0..<frames { try rig.clientSends(Self.data(Array(repeating: 0, count: 16 * 1024), end: false), stream: 1) }
-      return rig.clientFrames().reduce(0) { total, frame in
-        if case .windowUpdate(let increment) = frame.payload, frame.streamID == 1 { return total + increment }
-        return total
-      }
+      return rig.clientFrames().windowGiven(on: 1)
     }
     // 3 MiB sent, as a client that ignored its window would: the proxy gives window back until
     // it holds the buffer limit (1 MiB) for the backend, then none.
@@ -334,10 +331,7 @@ import Testing
     let resumed = try granted(frames: 0)
     #expect(resumed >= 1 << 20, "the backend took it: the window owed goes back at once: \(resumed)")
     rig.stalledBackend.release()
-    let bytes = rig.backendFrames().reduce(0) { total, frame in
-      if case .data(let data) = frame.payload { return total + data.data.readableBytes }
-      return total
-    }
+    let bytes = rig.backendFrames().dataBytes
     #expect(bytes == 3 << 20, "and nothing was lost")
   }
 
@@ -410,10 +404,7 @@ import Testing
       sent += piece
     }
     let frames = rig.backendFrames()
-    let bytes = frames.reduce(0) { total, frame in
-      if case .data(let data) = frame.payload { return total + data.data.readableBytes }
-      return total
-    }
+    let bytes = frames.dataBytes
     #expect(bytes == size, "every byte of the body reaches the backend")
     #expect(frames.last?.summary.hasSuffix("END") == true)
   }
@@ -443,10 +434,7 @@ import Testing
       rig.stalledBackend.release()
       rig.settle()
     }
-    let bytes = rig.backendFrames().reduce(0) { total, frame in
-      if case .data(let data) = frame.payload { return total + data.data.readableBytes }
-      return total
-    }
+    let bytes = rig.backendFrames().dataBytes
     #expect(bytes == size, "and nothing was lost")
   }
 
@@ -461,10 +449,7 @@ import Testing
     /// The window the proxy gives the backend back on `stream`, as `frames` of 16 KiB arrive.
     func granted(_ stream: Int, frames: Int) throws -> Int {
       for _ in 0..<frames { try rig.backendSends(Self.data(Array(repeating: 0, count: 16 * 1024), end: false), stream: stream) }
-      return rig.backendFrames().reduce(0) { total, frame in
-        if case .windowUpdate(let increment) = frame.payload, Int(frame.streamID) == stream { return total + increment }
-        return total
-      }
+      return rig.backendFrames().windowGiven(on: stream)
     }
     // 4 MiB of response the client does not take: the window goes back until the stream holds
     // the listener's buffer limit (1 MiB) for the client, then no more, so the backend stops
@@ -580,6 +565,24 @@ extension EmbeddedChannel {
       return value as! Bool
     }
     return true
+  }
+}
+
+extension [HTTP2Frame] {
+  /// The bytes of DATA among these frames.
+  var dataBytes: Int {
+    self.reduce(0) { total, frame in
+      if case .data(let data) = frame.payload { return total + data.data.readableBytes }
+      return total
+    }
+  }
+
+  /// The window these frames give back on `stream`.
+  func windowGiven(on stream: Int) -> Int {
+    self.reduce(0) { total, frame in
+      if case .windowUpdate(let increment) = frame.payload, Int(frame.streamID) == stream { return total + increment }
+      return total
+    }
   }
 }
 

@@ -47,7 +47,8 @@ import Testing
     #expect(step.check.isEmpty)
     let late = schedule.checked(self.a, now: self.at(40))
     #expect(!late, "a's check ended after it left: its result is dropped")
-    #expect(schedule.known == [self.b])
+    let kept = schedule.endpoints([self.b], now: self.at(45))
+    #expect(kept == .init(), "b is still known, and not due")
     let back = schedule.endpoints([self.a, self.b], now: self.at(50))
     #expect(back.check == [self.a], "back: checked at once, as new")
   }

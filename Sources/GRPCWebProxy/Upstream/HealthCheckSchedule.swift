@@ -61,7 +61,4 @@ struct HealthCheckSchedule<Instant: InstantProtocol> where Instant.Duration == D
   var nextDue: Instant? {
     self.entries.values.compactMap { if case .due(let when) = $0 { return when } else { return nil } }.min()
   }
-
-  /// Every endpoint it knows of, for the end.
-  var known: Set<HostAndPort> { Set(self.entries.keys) }
 }

@@ -53,11 +53,11 @@ final class HealthChecker: Sendable {
         if !step.forget.isEmpty {
           self.eventLoop.execute { self.forget(step.forget) }
         }
-        let wake = min(schedule.withLockedValue { $0.nextDue } ?? now.advanced(by: poll), now.advanced(by: poll))
+        let polled = now.advanced(by: poll)
+        let wake = min(schedule.withLockedValue { $0.nextDue } ?? polled, polled)
         do { try await clock.sleep(until: wake, tolerance: nil) } catch { break }
       }
-      let known = schedule.withLockedValue { $0.known }
-      self.eventLoop.execute { self.forget(known.union(self.connections.byEndpoint.keys)) }
+      self.eventLoop.execute { self.forget(Set(self.connections.byEndpoint.keys)) }
     }
   }
 
